@@ -1,0 +1,19 @@
+//! The modelfs engine: sources, the chunk cache and the read path.
+//!
+//! It knows nothing of FUSE: the mount is one front end over [`Engine`], a
+//! warm-up server can be another.
+
+pub mod cache;
+pub mod engine;
+pub mod error;
+pub mod namespace;
+pub mod prefetch;
+pub mod singleflight;
+pub mod size;
+pub mod source;
+pub mod stats;
+pub mod tier;
+
+pub use engine::{Engine, EngineConfig, OpenFile};
+pub use error::{Error, Result};
+pub use source::{DirEntry, FileVersion, ObjectMeta, Source};

@@ -1,0 +1,99 @@
+//! The source's tree as the mount shows it: listings cached for a TTL so a
+//! model directory costs one listing, and fresh stats where correctness needs
+//! them (at open).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::singleflight::SingleFlight;
+use crate::source::join;
+use crate::{DirEntry, Error, ObjectMeta, Result, Source};
+
+type Listing = Arc<Vec<DirEntry>>;
+
+pub struct Namespace {
+    source: Arc<dyn Source>,
+    ttl: Duration,
+    listings: Mutex<HashMap<String, (Instant, Listing)>>,
+    flights: SingleFlight<String, Listing>,
+}
+
+fn split(path: &str) -> (&str, &str) {
+    path.rsplit_once('/').unwrap_or(("", path))
+}
+
+impl Namespace {
+    pub fn new(source: Arc<dyn Source>, ttl: Duration) -> Self {
+        Namespace {
+            source,
+            ttl,
+            listings: Mutex::default(),
+            flights: SingleFlight::default(),
+        }
+    }
+
+    pub async fn list(&self, dir: &str) -> Result<Listing> {
+        if let Some((at, l)) = self.listings.lock().get(dir) {
+            if at.elapsed() < self.ttl {
+                return Ok(l.clone());
+            }
+        }
+        let source = self.source.clone();
+        let d = dir.to_string();
+        let listing = self
+            .flights
+            .run(dir.to_string(), move || async move {
+                Ok(Arc::new(source.list(&d).await?))
+            })
+            .await?;
+        self.listings
+            .lock()
+            .insert(dir.to_string(), (Instant::now(), listing.clone()));
+        Ok(listing)
+    }
+
+    /// Metadata from the parent's listing (within the TTL).
+    pub async fn lookup(&self, path: &str) -> Result<ObjectMeta> {
+        if path.is_empty() {
+            return self.source.stat("").await;
+        }
+        let (dir, name) = split(path);
+        let listing = self.list(dir).await?;
+        listing
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.meta.clone())
+            .ok_or_else(|| Error::NotFound(path.to_string()))
+    }
+
+    /// Metadata straight from the source, written back into the cached
+    /// listing so later lookups agree with it.
+    pub async fn revalidate(&self, path: &str) -> Result<ObjectMeta> {
+        let fresh = self.source.stat(path).await;
+        let (dir, name) = split(path);
+        let mut listings = self.listings.lock();
+        if let Some((_, listing)) = listings.get_mut(dir) {
+            let mut entries: Vec<DirEntry> = listing
+                .iter()
+                .filter(|e| e.name != name)
+                .cloned()
+                .collect();
+            if let Ok(meta) = &fresh {
+                entries.push(DirEntry {
+                    name: name.to_string(),
+                    meta: meta.clone(),
+                });
+                entries.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+            *listing = Arc::new(entries);
+        }
+        fresh
+    }
+
+    pub fn child(dir: &str, name: &str) -> String {
+        join(dir, name)
+    }
+}

@@ -1,0 +1,146 @@
+//! Prefetch ahead of the readers of an open file: chunks in order from the
+//! first (time to first byte), jumping to where a reader misses, with a bound
+//! on chunks in flight for the whole mount. It pauses rather than evict a
+//! chunk nobody has read yet, and goes on when a reader moves forward.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::cache::CacheFile;
+use crate::stats::add;
+use crate::Engine;
+
+const NO_HINT: u64 = u64::MAX;
+
+struct Job {
+    opens: AtomicUsize,
+    hint: AtomicU64,
+    wake: Notify,
+}
+
+pub struct Prefetcher {
+    permits: Arc<Semaphore>,
+    jobs: Mutex<HashMap<u128, Arc<Job>>>,
+}
+
+/// Held by each open handle; prefetch of a file stops when the last one goes.
+pub struct PrefetchTicket(Arc<Job>);
+
+impl Drop for PrefetchTicket {
+    fn drop(&mut self) {
+        self.0.opens.fetch_sub(1, SeqCst);
+        self.0.wake.notify_one();
+    }
+}
+
+impl Prefetcher {
+    pub fn new(concurrency: usize) -> Self {
+        Prefetcher {
+            permits: Arc::new(Semaphore::new(concurrency)),
+            jobs: Mutex::default(),
+        }
+    }
+
+    pub fn start(&self, engine: &Arc<Engine>, cf: &Arc<CacheFile>) -> PrefetchTicket {
+        let mut jobs = self.jobs.lock();
+        if let Some(job) = jobs.get(&cf.key) {
+            job.opens.fetch_add(1, SeqCst);
+            return PrefetchTicket(job.clone());
+        }
+        let job = Arc::new(Job {
+            opens: AtomicUsize::new(1),
+            hint: AtomicU64::new(NO_HINT),
+            wake: Notify::new(),
+        });
+        jobs.insert(cf.key, job.clone());
+        tokio::spawn(run(
+            engine.clone(),
+            cf.clone(),
+            job.clone(),
+            self.permits.clone(),
+        ));
+        PrefetchTicket(job)
+    }
+
+    /// A reader missed chunk `i - 1`: prefetch from `i` on.
+    pub fn hint(&self, key: u128, i: u64) {
+        if let Some(job) = self.jobs.lock().get(&key) {
+            job.hint.store(i, SeqCst);
+            job.wake.notify_one();
+        }
+    }
+}
+
+async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Arc<Semaphore>) {
+    let store = engine.store().clone();
+    let n = cf.n_chunks();
+    let mut dispatched = vec![false; n as usize];
+    let (mut next, mut low) = (0u64, 0u64);
+    // Chunks that found no room, to try again once a reader has moved on.
+    let retry: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    while job.opens.load(SeqCst) > 0 {
+        let again = std::mem::take(&mut *retry.lock());
+        if let Some(&first) = again.iter().min() {
+            for i in again {
+                dispatched[i as usize] = false;
+            }
+            (next, low) = (first, low.min(first));
+            // Bounded, so that a file closed meanwhile is noticed.
+            let _ = tokio::time::timeout(Duration::from_secs(1), job.wake.notified()).await;
+            continue;
+        }
+        let h = job.hint.swap(NO_HINT, SeqCst);
+        if h < n {
+            next = h;
+        }
+        let candidate = (next..n).find(|&i| !dispatched[i as usize]).or_else(|| {
+            while low < n && dispatched[low as usize] {
+                low += 1;
+            }
+            (low < n).then_some(low)
+        });
+        let Some(i) = candidate else {
+            if in_flight.load(SeqCst) == 0 {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), job.wake.notified()).await;
+            continue;
+        };
+        next = i + 1;
+        if store.contains(&cf, i) {
+            dispatched[i as usize] = true;
+            continue;
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        dispatched[i as usize] = true;
+        in_flight.fetch_add(1, SeqCst);
+        let (engine, cf, job) = (engine.clone(), cf.clone(), job.clone());
+        let (retry, in_flight) = (retry.clone(), in_flight.clone());
+        tokio::spawn(async move {
+            match engine.fetch(&cf, i, true).await {
+                Ok(_) if engine.store().contains(&cf, i) => {
+                    add(&engine.stats().chunks_prefetched, 1)
+                }
+                // No room without evicting data nobody has read yet.
+                Ok(_) => retry.lock().push(i),
+                // Readers that need this chunk will get the error themselves.
+                Err(_) => {}
+            }
+            drop(permit);
+            in_flight.fetch_sub(1, SeqCst);
+            job.wake.notify_one();
+        });
+    }
+    let mut jobs = engine.prefetcher().jobs.lock();
+    if jobs.get(&cf.key).is_some_and(|j| Arc::ptr_eq(j, &job)) {
+        jobs.remove(&cf.key);
+    }
+}

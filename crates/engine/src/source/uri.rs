@@ -1,0 +1,154 @@
+//! Turns a source URL into a [`Source`]: a local path (a NAS mount or any
+//! folder), `s3://`, `oss://`, `gs://` or `azblob://`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opendal::layers::{RetryLayer, TimeoutLayer};
+use opendal::{services, Operator};
+
+use super::{OpendalSource, Source};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// S3 addressing: virtual-hosted (bucket.endpoint) instead of path style.
+    pub virtual_host_style: bool,
+    /// Bound on one request to an object store, retries excluded.
+    pub request_timeout: Duration,
+    pub retries: usize,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            endpoint: None,
+            region: None,
+            virtual_host_style: false,
+            request_timeout: Duration::from_secs(30),
+            retries: 4,
+        }
+    }
+}
+
+/// Splits "bucket/some/prefix" into the bucket and the prefix as a root.
+fn bucket_and_root(rest: &str, url: &str) -> Result<(String, String)> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(Error::Config(format!(
+            "{url}: no bucket in the URL; write it as scheme://bucket/prefix"
+        )));
+    }
+    Ok((bucket.to_string(), format!("/{}", prefix.trim_matches('/'))))
+}
+
+pub fn open_source(url: &str, opts: &SourceOptions) -> Result<Arc<dyn Source>> {
+    let bad = |e: opendal::Error| Error::Config(format!("{url}: {e}"));
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (s, r),
+        None => ("file", url),
+    };
+    let op = match scheme {
+        "file" => {
+            let path = Path::new(rest);
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::Config(format!(
+                        "source {url} is a file; give the directory that holds the model"
+                    )))
+                }
+                Err(e) => {
+                    return Err(Error::Config(format!(
+                        "source {url} cannot be read ({e}); check the path or mount the NAS first"
+                    )))
+                }
+            }
+            let abs = std::fs::canonicalize(path).map_err(|e| Error::io(url, e))?;
+            let id = abs.display().to_string();
+            let op = Operator::new(services::Fs::default().root(&id)).map_err(bad)?;
+            return Ok(Arc::new(OpendalSource::new(id, op)));
+        }
+        "s3" => {
+            let (bucket, root) = bucket_and_root(rest, url)?;
+            let mut b = services::S3::default().bucket(&bucket).root(&root);
+            if let Some(e) = &opts.endpoint {
+                b = b.endpoint(e);
+            }
+            b = b.region(opts.region.as_deref().unwrap_or("us-east-1"));
+            if opts.virtual_host_style {
+                b = b.enable_virtual_host_style();
+            }
+            Operator::new(b).map_err(bad)?
+        }
+        "oss" => {
+            let (bucket, root) = bucket_and_root(rest, url)?;
+            let mut b = services::Oss::default().bucket(&bucket).root(&root);
+            if let Some(e) = &opts.endpoint {
+                b = b.endpoint(e);
+            }
+            Operator::new(b).map_err(bad)?
+        }
+        "gs" | "gcs" => {
+            let (bucket, root) = bucket_and_root(rest, url)?;
+            let mut b = services::Gcs::default().bucket(&bucket).root(&root);
+            if let Some(e) = &opts.endpoint {
+                b = b.endpoint(e);
+            }
+            Operator::new(b).map_err(bad)?
+        }
+        "azblob" => {
+            let (container, root) = bucket_and_root(rest, url)?;
+            let mut b = services::Azblob::default()
+                .container(&container)
+                .root(&root);
+            if let Some(e) = &opts.endpoint {
+                b = b.endpoint(e);
+            }
+            if let Ok(account) = std::env::var("AZURE_STORAGE_ACCOUNT") {
+                b = b.account_name(&account);
+            }
+            if let Ok(key) = std::env::var("AZURE_STORAGE_KEY") {
+                b = b.account_key(&key);
+            }
+            Operator::new(b).map_err(bad)?
+        }
+        other => {
+            return Err(Error::Config(format!(
+                "{url}: unknown scheme '{other}://'; use a local path, s3://, oss://, gs:// or azblob://"
+            )))
+        }
+    };
+    let op = op
+        .layer(TimeoutLayer::new().with_io_timeout(opts.request_timeout))
+        .layer(
+            RetryLayer::new()
+                .with_jitter()
+                .with_max_times(opts.retries)
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5)),
+        );
+    Ok(Arc::new(OpendalSource::new(url.trim_end_matches('/'), op)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_scheme_and_missing_bucket_are_clear() {
+        let o = SourceOptions::default();
+        let e = open_source("ftp://x/y", &o).err().unwrap().to_string();
+        assert!(e.contains("unknown scheme 'ftp://'"), "{e}");
+        let e = open_source("s3:///y", &o).err().unwrap().to_string();
+        assert!(e.contains("no bucket"), "{e}");
+        let e = open_source("/definitely/not/here", &o)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("cannot be read"), "{e}");
+    }
+}

@@ -1,0 +1,90 @@
+//! Counters a mount reports through `modelfs stat`. The JSON keys are a
+//! contract scripts rely on: add keys, never rename them.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub bytes_served: AtomicU64,
+    pub bytes_from_cache: AtomicU64,
+    pub bytes_from_source: AtomicU64,
+    pub bytes_from_peers: AtomicU64,
+    pub bytes_from_warmup: AtomicU64,
+    pub chunks_inserted: AtomicU64,
+    pub chunks_evicted: AtomicU64,
+    pub chunks_prefetched: AtomicU64,
+    pub crc_failures: AtomicU64,
+    pub source_requests: AtomicU64,
+    pub source_errors: AtomicU64,
+    pub version_changes: AtomicU64,
+    pub read_errors: AtomicU64,
+    pub reads: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub passthrough_opens: AtomicU64,
+    pub opens: AtomicU64,
+}
+
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Relaxed);
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    pub source: String,
+    pub pid: u32,
+    pub bytes_served: u64,
+    pub bytes_from_cache: u64,
+    pub bytes_from_source: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_from_warmup: u64,
+    pub hit_ratio: f64,
+    pub chunks_cached: u64,
+    pub chunks_inserted: u64,
+    pub chunks_evicted: u64,
+    pub chunks_prefetched: u64,
+    pub crc_failures: u64,
+    pub source_requests: u64,
+    pub source_errors: u64,
+    pub version_changes: u64,
+    pub read_errors: u64,
+    pub reads: u64,
+    pub opens: u64,
+    pub cache_bytes_used: u64,
+    pub cache_bytes_capacity: u64,
+    pub chunk_size: u64,
+    pub cache_dir: String,
+    pub passthrough_opens: u64,
+    /// "enabled", or why reads go through userspace instead.
+    pub passthrough: String,
+}
+
+impl Stats {
+    pub fn fill(&self, s: &mut StatsSnapshot) {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        s.bytes_served = g(&self.bytes_served);
+        s.bytes_from_cache = g(&self.bytes_from_cache);
+        s.bytes_from_source = g(&self.bytes_from_source);
+        s.bytes_from_peers = g(&self.bytes_from_peers);
+        s.bytes_from_warmup = g(&self.bytes_from_warmup);
+        s.chunks_inserted = g(&self.chunks_inserted);
+        s.chunks_evicted = g(&self.chunks_evicted);
+        s.chunks_prefetched = g(&self.chunks_prefetched);
+        s.crc_failures = g(&self.crc_failures);
+        s.source_requests = g(&self.source_requests);
+        s.source_errors = g(&self.source_errors);
+        s.version_changes = g(&self.version_changes);
+        s.read_errors = g(&self.read_errors);
+        s.reads = g(&self.reads);
+        s.opens = g(&self.opens);
+        s.passthrough_opens = g(&self.passthrough_opens);
+        let (hits, misses) = (g(&self.cache_hits), g(&self.cache_misses));
+        s.hit_ratio = if hits + misses == 0 {
+            0.0
+        } else {
+            hits as f64 / (hits + misses) as f64
+        };
+    }
+}

@@ -1,0 +1,39 @@
+//! Where a chunk comes from when the local cache misses. The engine asks the
+//! tiers in order (owner peer, warm-up service, origin); adding a tier is
+//! adding one item to that list.
+
+use std::ops::Range;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::stats::Stats;
+use crate::{FileVersion, Result, Source};
+
+#[async_trait]
+pub trait Tier: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// The counter that this tier's bytes are added to.
+    fn counter<'a>(&self, stats: &'a Stats) -> &'a AtomicU64;
+    async fn fetch(&self, file: &FileVersion, range: Range<u64>) -> Result<Bytes>;
+}
+
+/// The source itself: the last tier, that always answers.
+pub struct OriginTier(pub Arc<dyn Source>);
+
+#[async_trait]
+impl Tier for OriginTier {
+    fn name(&self) -> &'static str {
+        "origin"
+    }
+
+    fn counter<'a>(&self, stats: &'a Stats) -> &'a AtomicU64 {
+        &stats.bytes_from_source
+    }
+
+    async fn fetch(&self, file: &FileVersion, range: Range<u64>) -> Result<Bytes> {
+        self.0.read(file, range).await
+    }
+}

@@ -1,0 +1,85 @@
+//! `modelfs stat` and `modelfs unmount`: they talk to a running mount through
+//! an xattr on its root, so they need no socket and work from any process
+//! that can see the mount.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use modelfs_engine::size::ByteSize;
+use modelfs_engine::stats::StatsSnapshot;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::daemon::wait_gone;
+use crate::fuse::STATS_XATTR;
+use crate::mountpoint::{lazy_unmount, mounted_at};
+
+pub fn read_stats(mp: &Path) -> Result<StatsSnapshot> {
+    match xattr::get(mp, STATS_XATTR) {
+        Ok(Some(raw)) => serde_json::from_slice(&raw).context("reading modelfs statistics"),
+        Ok(None) => bail!("{} is not a modelfs mount", mp.display()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+            "the modelfs daemon of {} is gone; run `modelfs unmount {}`",
+            mp.display(),
+            mp.display()
+        ),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {
+            bail!("{} is not a modelfs mount", mp.display())
+        }
+        Err(e) => bail!("{}: {e}", mp.display()),
+    }
+}
+
+pub fn stat(mp: &Path, json: bool) -> Result<()> {
+    let s = read_stats(mp)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let b = |n: u64| ByteSize(n).to_string();
+    println!("source          {}", s.source);
+    println!("served          {} (chunk hit ratio {:.1}%)", b(s.bytes_served), s.hit_ratio * 100.0);
+    println!("  from cache    {}", b(s.bytes_from_cache));
+    println!("  from source   {} in {} requests ({} failed)", b(s.bytes_from_source), s.source_requests, s.source_errors);
+    println!("  from peers    {}", b(s.bytes_from_peers));
+    println!("  from warm-up  {}", b(s.bytes_from_warmup));
+    println!(
+        "cache           {} of {} in {} chunks of {}; {} evicted, {} prefetched, {} failed their crc",
+        b(s.cache_bytes_used),
+        b(s.cache_bytes_capacity),
+        s.chunks_cached,
+        b(s.chunk_size),
+        s.chunks_evicted,
+        s.chunks_prefetched,
+        s.crc_failures
+    );
+    println!("cache dir       {}", s.cache_dir);
+    println!("passthrough     {} ({} opens of {})", s.passthrough, s.passthrough_opens, s.opens);
+    println!("daemon pid      {}", s.pid);
+    Ok(())
+}
+
+pub fn unmount(mp: &Path) -> Result<()> {
+    let abs = std::path::absolute(mp)?;
+    match mounted_at(&abs) {
+        None => bail!("{} is not mounted", abs.display()),
+        Some(t) if !t.starts_with("fuse") => {
+            bail!("{} is a {t} mount, not modelfs", abs.display())
+        }
+        Some(_) => {}
+    }
+    if let Ok(s) = read_stats(&abs) {
+        let pid = s.pid as i32;
+        if kill(Pid::from_raw(pid), Signal::SIGTERM).is_ok()
+            && wait_gone(pid, &abs, Duration::from_secs(15))
+        {
+            println!("modelfs: unmounted {}", abs.display());
+            return Ok(());
+        }
+    }
+    // A daemon that is gone or stuck: detach the mount ourselves.
+    lazy_unmount(&abs)?;
+    println!("modelfs: unmounted {}", abs.display());
+    Ok(())
+}

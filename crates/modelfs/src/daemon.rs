@@ -1,0 +1,299 @@
+//! `modelfs mount`: checks, then the engine and the FUSE session; in the
+//! background by default, with the parent waiting until the mount is ready
+//! (or has failed) so scripts can use the mount as soon as it returns.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use fuser::{Config, MountOption, Session, SessionACL};
+use modelfs_engine::size::ByteSize;
+use modelfs_engine::source::{open_source, SourceOptions};
+use modelfs_engine::{Engine, EngineConfig};
+use tracing::{info, warn};
+
+use crate::fuse::ModelFs;
+use crate::mountpoint;
+
+const READY_FD: &str = "MODELFS_READY_FD";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct MountArgs {
+    /// A local or NAS directory, or s3://bucket/prefix, oss://, gs://, azblob://
+    pub source: String,
+    /// An empty directory to mount on
+    pub mountpoint: PathBuf,
+    /// Cache capacity (20GiB, 512MiB; G means GiB)
+    #[arg(long, default_value = "20GiB")]
+    pub cache_size: ByteSize,
+    /// Where cached chunks live; the default is in /dev/shm (memory)
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Unit of caching and of source reads
+    #[arg(long, default_value = "8MiB")]
+    pub chunk_size: ByteSize,
+    /// Chunks prefetched at once across the mount (0 turns prefetch off)
+    #[arg(long, default_value_t = 16)]
+    pub prefetch_concurrency: usize,
+    /// How long a directory listing is trusted, in seconds
+    #[arg(long, default_value_t = 60.0)]
+    pub listing_ttl: f64,
+    /// FUSE worker threads
+    #[arg(long, default_value_t = 8)]
+    pub threads: usize,
+    /// Kernel readahead for the mount
+    #[arg(long, default_value = "16MiB")]
+    pub read_ahead: ByteSize,
+    /// Stay attached instead of running in the background
+    #[arg(long)]
+    pub foreground: bool,
+    /// Log of the background daemon (default: /tmp/modelfs-<mount>.log)
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+    /// Object store endpoint, e.g. http://10.0.0.5:9000
+    #[arg(long, env = "MODELFS_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Object store region
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// S3 virtual-hosted addressing (bucket.endpoint) instead of path style
+    #[arg(long)]
+    pub virtual_host_style: bool,
+    /// Timeout of one request to an object store, in seconds
+    #[arg(long, default_value_t = 30.0)]
+    pub request_timeout: f64,
+    /// Retries of a failed request to an object store
+    #[arg(long, default_value_t = 4)]
+    pub retries: usize,
+}
+
+fn name_hash(s: &str) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(s.as_bytes()))
+}
+
+pub fn mount(args: MountArgs) -> Result<()> {
+    if args.foreground {
+        let ready = std::env::var(READY_FD)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            // SAFETY: the parent handed us this fd, open and ours alone.
+            .map(|fd| unsafe { File::from_raw_fd(fd) });
+        std::env::remove_var(READY_FD);
+        return run(args, ready);
+    }
+    background(args)
+}
+
+/// Re-runs this binary in the foreground, detached, and waits for its word.
+fn background(args: MountArgs) -> Result<()> {
+    let mp = std::path::absolute(&args.mountpoint)?;
+    let log = args.log_file.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("modelfs-{}.log", name_hash(&mp.display().to_string())))
+    });
+    let log_file = File::options()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("log file {}", log.display()))?;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds that we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: fresh fds from pipe2.
+    let (mut read_end, write_end) =
+        unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let wfd = write_end.as_raw_fd();
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(std::env::args_os().skip(1))
+        .arg("--foreground")
+        .env(READY_FD, wfd.to_string())
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            if libc::fcntl(wfd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the modelfs daemon")?;
+    drop(write_end);
+    let mut word = String::new();
+    read_end.read_to_string(&mut word)?;
+    match word.trim() {
+        "ok" => {
+            println!(
+                "modelfs: {} mounted at {} (pid {}, log {})",
+                args.source,
+                mp.display(),
+                child.id(),
+                log.display()
+            );
+            Ok(())
+        }
+        "" => {
+            let status = child.wait()?;
+            bail!("the modelfs daemon exited ({status}) before the mount was ready; see {}", log.display())
+        }
+        msg => {
+            let _ = child.wait();
+            Err(anyhow!("{}", msg.trim_start_matches("error: ")))
+        }
+    }
+}
+
+fn secs(v: f64, flag: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v).map_err(|_| anyhow!("{flag} {v}: give a number of seconds"))
+}
+
+struct Mounted {
+    _rt: tokio::runtime::Runtime,
+    session: fuser::BackgroundSession,
+    mountpoint: PathBuf,
+}
+
+fn start(args: &MountArgs) -> Result<Mounted> {
+    let mp = mountpoint::check(&args.mountpoint)?;
+    let min = args.chunk_size.0 * args.threads.max(1) as u64;
+    if args.cache_size.0 < min {
+        bail!(
+            "--cache-size {} is below one chunk ({}) per FUSE thread ({}); use at least {}",
+            args.cache_size,
+            args.chunk_size,
+            args.threads,
+            ByteSize(min)
+        );
+    }
+    let opts = SourceOptions {
+        endpoint: args.endpoint.clone(),
+        region: args.region.clone(),
+        virtual_host_style: args.virtual_host_style,
+        request_timeout: secs(args.request_timeout, "--request-timeout")?,
+        retries: args.retries,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .thread_name("modelfs-io")
+        .enable_all()
+        .build()?;
+    let source = open_source(&args.source, &opts)?;
+    // Prove the source answers before taking the mount point.
+    let probe = rt.block_on(async {
+        tokio::time::timeout(opts.request_timeout * 2, source.list("")).await
+    });
+    match probe {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => bail!("cannot list source {}: {e}", args.source),
+        Err(_) => bail!(
+            "source {} did not answer within {:?}; check the endpoint and network",
+            args.source,
+            opts.request_timeout * 2
+        ),
+    }
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| {
+        PathBuf::from("/dev/shm/modelfs").join(name_hash(source.id()))
+    });
+    let engine = Engine::new(
+        source.clone(),
+        EngineConfig {
+            chunk_size: args.chunk_size.0,
+            cache_dir,
+            cache_capacity: args.cache_size.0,
+            prefetch_concurrency: args.prefetch_concurrency,
+            listing_ttl: secs(args.listing_ttl, "--listing-ttl")?,
+        },
+        vec![],
+    )?;
+    let fs = ModelFs::new(engine, rt.handle().clone(), SystemTime::now());
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(source.id().to_string()),
+        MountOption::Subtype("modelfs".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoAtime,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(args.threads.max(1));
+    config.clone_fd = true;
+    let session = Session::new(fs, &mp, &config)
+        .with_context(|| format!("mounting on {} (needs root or fusermount3, and /dev/fuse)", mp.display()))?
+        .spawn()?;
+    if let Err(e) = mountpoint::set_readahead(&mp, args.read_ahead.0 / 1024) {
+        warn!("readahead stays at the kernel default: {e:#}");
+    }
+    Ok(Mounted {
+        _rt: rt,
+        session,
+        mountpoint: mp,
+    })
+}
+
+fn run(args: MountArgs, mut ready: Option<File>) -> Result<()> {
+    let mut tell = |msg: &str| {
+        if let Some(f) = ready.as_mut() {
+            let _ = writeln!(f, "{msg}");
+        }
+    };
+    let mounted = match start(&args) {
+        Ok(m) => m,
+        Err(e) => {
+            tell(&format!("error: {e:#}"));
+            return Err(e);
+        }
+    };
+    info!(source = %args.source, mountpoint = %mounted.mountpoint.display(), "mounted");
+    tell("ok");
+    drop(ready);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    while !stop.load(Ordering::Relaxed) && !mounted.session.guard.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    shutdown(mounted);
+    Ok(())
+}
+
+/// Detaches the mount (open files do not keep it busy) and lets the session
+/// end; readers still holding files get ENOTCONN once we exit.
+fn shutdown(m: Mounted) {
+    if mountpoint::mounted_at(&m.mountpoint).is_some() {
+        if let Err(e) = mountpoint::lazy_unmount(&m.mountpoint) {
+            warn!("{e:#}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !m.session.guard.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    info!(mountpoint = %m.mountpoint.display(), "unmounted");
+    std::process::exit(0);
+}
+
+pub fn wait_gone(pid: i32, mp: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && mountpoint::mounted_at(mp).is_none() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}

@@ -1,0 +1,405 @@
+//! The FUSE front end: a thin adapter from fuser's callbacks to the engine.
+//! Anything that may wait on the source runs on the tokio runtime and replies
+//! from there, so FUSE worker threads never block on the network.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
+};
+use modelfs_engine::cache::WholeFilePin;
+use modelfs_engine::namespace::Namespace;
+use modelfs_engine::{Engine, Error, FileVersion, ObjectMeta, OpenFile};
+use parking_lot::Mutex;
+use tracing::{info, warn};
+
+use crate::inodes::{Inodes, Node, ROOT};
+
+/// The xattr on the mount root that `modelfs stat` reads.
+pub const STATS_XATTR: &str = "user.modelfs.stats";
+
+struct Handle {
+    open: OpenFile,
+    ino: u64,
+    /// Holds the cache file's chunks in place while the kernel reads it.
+    pin: Option<WholeFilePin>,
+}
+
+/// How the inode's open handles read: the kernel forbids mixing page-cache
+/// and passthrough opens of one inode, so the first open decides.
+#[derive(Default)]
+struct InodeOpens {
+    cached: usize,
+    passthrough: Option<(BackingId, usize)>,
+}
+
+struct Inner {
+    engine: Arc<Engine>,
+    rt: tokio::runtime::Handle,
+    inodes: Inodes,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    opens: Mutex<HashMap<u64, InodeOpens>>,
+    next_fh: AtomicU64,
+    ttl: Duration,
+    passthrough: Mutex<Result<(), String>>,
+    uid: u32,
+    gid: u32,
+}
+
+pub struct ModelFs {
+    inner: Arc<Inner>,
+}
+
+fn errno(e: &Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+impl ModelFs {
+    pub fn new(engine: Arc<Engine>, rt: tokio::runtime::Handle, root_mtime: SystemTime) -> Self {
+        let ttl = engine.config().listing_ttl;
+        ModelFs {
+            inner: Arc::new(Inner {
+                engine,
+                rt,
+                inodes: Inodes::new(root_mtime),
+                handles: Mutex::default(),
+                opens: Mutex::default(),
+                next_fh: AtomicU64::new(1),
+                ttl,
+                passthrough: Mutex::new(Err("not negotiated yet".into())),
+                uid: nix::unistd::geteuid().as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+            }),
+        }
+    }
+
+}
+
+impl Inner {
+    fn attr(&self, ino: u64, meta: &ObjectMeta) -> FileAttr {
+        let (kind, perm, nlink) = if meta.is_dir {
+            (FileType::Directory, 0o555, 2)
+        } else {
+            (FileType::RegularFile, 0o444, 1)
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size: meta.size,
+            blocks: meta.size.div_ceil(512),
+            atime: meta.mtime,
+            mtime: meta.mtime,
+            ctime: meta.mtime,
+            crtime: meta.mtime,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 1 << 20,
+            flags: 0,
+        }
+    }
+
+    fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
+        self.inodes.get(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    fn stats_json(&self, passthrough: &str) -> Vec<u8> {
+        let mut s = self.engine.snapshot();
+        s.passthrough = passthrough.to_string();
+        serde_json::to_vec(&s).unwrap_or_default()
+    }
+
+    /// Opens `node` if it is still the source's current version. A changed
+    /// file answers ESTALE: the kernel then looks the path up again, gets the
+    /// new version's inode and opens that.
+    async fn open(self: Arc<Self>, ino: u64, node: Node, reply: ReplyOpen) {
+        let fresh = match self.engine.namespace().revalidate(&node.path).await {
+            Ok(m) => m,
+            Err(Error::NotFound(_)) => return reply.error(Errno::ESTALE),
+            Err(e) => {
+                warn!(path = %node.path, "open: {e}");
+                return reply.error(errno(&e));
+            }
+        };
+        if fresh.version != node.meta.version || fresh.is_dir {
+            info!(path = %node.path, "source changed; serving the new version");
+            self.inodes.get_or_insert(&node.path, &fresh);
+            return reply.error(Errno::ESTALE);
+        }
+        let file = FileVersion {
+            path: node.path.clone(),
+            version: fresh.version,
+            size: fresh.size,
+        };
+        let open = match self.engine.open(file) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(path = %node.path, "open: {e}");
+                return reply.error(errno(&e));
+            }
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let passthrough_on = self.passthrough.lock().is_ok();
+        let mut opens = self.opens.lock();
+        let state = opens.entry(ino).or_default();
+        let mut handle = Handle {
+            open,
+            ino,
+            pin: None,
+        };
+        if passthrough_on && state.cached == 0 {
+            if let Some(pin) = self.engine.pin_complete(&handle.open) {
+                let backing = match state.passthrough.take() {
+                    Some((id, n)) => Ok((id, n)),
+                    None => reply.open_backing(&pin.file).map(|id| (id, 0)),
+                };
+                match backing {
+                    Ok((id, n)) => {
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                        state.passthrough = Some((id, n + 1));
+                        handle.pin = Some(pin);
+                        modelfs_engine::stats::add(&self.engine.stats().passthrough_opens, 1);
+                        drop(opens);
+                        self.handles.lock().insert(fh, Arc::new(handle));
+                        return;
+                    }
+                    Err(e) => {
+                        warn!("passthrough refused by the kernel ({e}); reading through userspace");
+                        *self.passthrough.lock() = Err(format!("kernel refused backing file: {e}"));
+                    }
+                }
+            }
+        }
+        if state.passthrough.is_some() {
+            // Cannot mix with the passthrough opens of this inode.
+            return reply.error(Errno::EBUSY);
+        }
+        state.cached += 1;
+        drop(opens);
+        self.handles.lock().insert(fh, Arc::new(handle));
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn release(&self, fh: u64) {
+        let Some(h) = self.handles.lock().remove(&fh) else {
+            return;
+        };
+        let mut opens = self.opens.lock();
+        if let Some(state) = opens.get_mut(&h.ino) {
+            if h.pin.is_some() {
+                if let Some((_, n)) = &mut state.passthrough {
+                    *n -= 1;
+                    if *n == 0 {
+                        state.passthrough = None;
+                    }
+                }
+            } else {
+                state.cached -= 1;
+            }
+            if state.cached == 0 && state.passthrough.is_none() {
+                opens.remove(&h.ino);
+            }
+        }
+    }
+}
+
+impl Filesystem for ModelFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        let pt = if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_err() {
+            Err("the kernel does not offer FUSE passthrough (needs Linux 6.9 or later)".into())
+        } else if config.set_max_stack_depth(1).is_err() {
+            Err("the kernel refused a stacking depth of 1".into())
+        } else if !nix::unistd::geteuid().is_root() {
+            Err("passthrough needs CAP_SYS_ADMIN (run as root)".into())
+        } else {
+            Ok(())
+        };
+        info!(passthrough = ?pt, "FUSE session negotiated");
+        *self.inner.passthrough.lock() = pt;
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let inner = self.inner.clone();
+        let parent = match inner.node(parent) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let Some(name) = name.to_str().map(str::to_string) else {
+            return reply.error(Errno::ENOENT);
+        };
+        self.inner.rt.spawn(async move {
+            let path = Namespace::child(&parent.path, &name);
+            match inner.engine.namespace().lookup(&path).await {
+                Ok(meta) => {
+                    let ino = inner.inodes.get_or_insert(&path, &meta);
+                    reply.entry(&inner.ttl, &inner.attr(ino, &meta), Generation(0));
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inner.node(ino) {
+            Ok(n) => reply.attr(&self.inner.ttl, &self.inner.attr(ino.0, &n.meta)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        let node = match self.inner.node(ino) {
+            Ok(n) if n.meta.is_dir => return reply.error(Errno::EISDIR),
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let inner = self.inner.clone();
+        self.inner.rt.spawn(inner.open(ino.0, node, reply));
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let inner = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            let Some(h) = inner.handles.lock().get(&fh.0).cloned() else {
+                return reply.error(Errno::EBADF);
+            };
+            let result = inner.engine.read(&h.open, offset, size as u64).await;
+            match result {
+                Ok(b) => reply.data(&b),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.inner.release(fh.0);
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.inner.node(ino) {
+            Ok(n) if n.meta.is_dir => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let inner = self.inner.clone();
+        let node = match inner.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.inner.rt.spawn(async move {
+            let listing = match inner.engine.namespace().list(&node.path).await {
+                Ok(l) => l,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            let mut entries = vec![
+                (ino.0, FileType::Directory, ".".to_string()),
+                (ROOT, FileType::Directory, "..".to_string()),
+            ];
+            for e in listing.iter() {
+                let path = Namespace::child(&node.path, &e.name);
+                let child = inner.inodes.get_or_insert(&path, &e.meta);
+                let kind = if e.meta.is_dir {
+                    FileType::Directory
+                } else {
+                    FileType::RegularFile
+                };
+                entries.push((child, kind, e.name.clone()));
+            }
+            for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if ino.0 != ROOT || name != STATS_XATTR {
+            return reply.error(Errno::ENODATA);
+        }
+        let pt = match &*self.inner.passthrough.lock() {
+            Ok(()) => "enabled".to_string(),
+            Err(why) => format!("off: {why}"),
+        };
+        let data = self.inner.stats_json(&pt);
+        if size == 0 {
+            reply.size(data.len() as u32);
+        } else if (size as usize) < data.len() {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(&data);
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let names: &[u8] = if ino.0 == ROOT {
+            b"user.modelfs.stats\0"
+        } else {
+            b""
+        };
+        if size == 0 {
+            reply.size(names.len() as u32);
+        } else if (size as usize) < names.len() {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(names);
+        }
+    }
+}

@@ -1,0 +1,84 @@
+mod control;
+mod daemon;
+mod demo;
+mod fuse;
+mod inodes;
+mod mountpoint;
+mod synth;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use modelfs_engine::size::ByteSize;
+
+/// modelfs: AI model weights from object storage or a NAS, as a read-only
+/// local directory that loads at memory speed once cached.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount SOURCE read-only at MOUNTPOINT with a node-local chunk cache
+    Mount(daemon::MountArgs),
+    /// Unmount a modelfs mount, even with files open on it
+    Unmount { mountpoint: PathBuf },
+    /// Counters of a mount: bytes by tier, cache use, passthrough
+    Stat {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a synthetic model, load it cold and warm through a mount, verify it
+    Demo {
+        #[arg(long, default_value = "1GiB")]
+        size: ByteSize,
+        #[arg(long, default_value_t = 4)]
+        files: usize,
+    },
+    /// Write a synthetic safetensors model (for tests and benchmarks)
+    Synth {
+        dir: PathBuf,
+        #[arg(long, default_value = "1GiB")]
+        size: ByteSize,
+        #[arg(long, default_value_t = 4)]
+        files: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MODELFS_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Mount(args) => daemon::mount(args),
+        Cmd::Unmount { mountpoint } => control::unmount(&mountpoint),
+        Cmd::Stat { mountpoint, json } => control::stat(&mountpoint, json),
+        Cmd::Demo { size, files } => demo::run(size, files),
+        Cmd::Synth {
+            dir,
+            size,
+            files,
+            seed,
+        } => synth::make_model(&dir, size.0, files, seed).map(|_| ()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("modelfs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

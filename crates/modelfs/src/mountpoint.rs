@@ -1,0 +1,108 @@
+//! Everything about the directory we mount on: checks before mounting, the
+//! kernel's view of mounts, readahead, and taking a mount down.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// Mount points as the kernel lists them for this process.
+fn mounts() -> Vec<(PathBuf, String)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let mp = fields.get(4)?;
+            let sep = fields.iter().position(|f| *f == "-")?;
+            let fstype = fields.get(sep + 1)?;
+            Some((PathBuf::from(unescape(mp)), fstype.to_string()))
+        })
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes.
+fn unescape(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The filesystem type mounted exactly at `path`, if any.
+pub fn mounted_at(path: &Path) -> Option<String> {
+    mounts()
+        .into_iter()
+        .rev()
+        .find(|(mp, _)| mp == path)
+        .map(|(_, t)| t)
+}
+
+/// Refuses a mount point that is missing, not a directory, not empty, or
+/// already mounted; returns its absolute path.
+pub fn check(mountpoint: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(mountpoint)
+        .with_context(|| format!("mount point {}", mountpoint.display()))?;
+    if let Some(fstype) = mounted_at(&abs) {
+        bail!(
+            "mount point {} is already mounted ({fstype}); run `modelfs unmount {}` or pick another directory",
+            abs.display(),
+            abs.display()
+        );
+    }
+    let meta = match std::fs::metadata(&abs) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "mount point {} does not exist; create it with `mkdir -p {}`",
+            abs.display(),
+            abs.display()
+        ),
+        Err(e) => bail!("mount point {}: {e}", abs.display()),
+    };
+    if !meta.is_dir() {
+        bail!("mount point {} is not a directory", abs.display());
+    }
+    let mut entries = std::fs::read_dir(&abs).with_context(|| format!("mount point {}", abs.display()))?;
+    if entries.next().is_some() {
+        bail!(
+            "mount point {} is not empty; mount on an empty directory so nothing is hidden",
+            abs.display()
+        );
+    }
+    Ok(abs)
+}
+
+/// Raises the mount's readahead so the kernel asks for large reads and many
+/// of them at once, instead of the 128 KiB default.
+pub fn set_readahead(mountpoint: &Path, kib: u64) -> Result<()> {
+    let dev = std::fs::metadata(mountpoint)?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let p = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    std::fs::write(&p, kib.to_string()).with_context(|| format!("writing {p}"))?;
+    Ok(())
+}
+
+/// Detaches the mount even while files are open on it.
+pub fn lazy_unmount(mountpoint: &Path) -> Result<()> {
+    nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
+        .with_context(|| format!("unmounting {}", mountpoint.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(super::unescape(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(super::unescape("/plain"), "/plain");
+    }
+}
