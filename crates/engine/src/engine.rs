@@ -53,7 +53,7 @@ impl Engine {
         cfg: EngineConfig,
         mut tiers: Vec<Arc<dyn Tier>>,
     ) -> Result<Arc<Self>> {
-        if cfg.chunk_size == 0 || cfg.chunk_size % 4096 != 0 {
+        if cfg.chunk_size == 0 || !cfg.chunk_size.is_multiple_of(4096) {
             return Err(Error::Config(format!(
                 "--chunk-size {} must be a positive multiple of 4KiB",
                 cfg.chunk_size
@@ -154,7 +154,12 @@ impl Engine {
         })
     }
 
-    async fn read_chunk(self: &Arc<Self>, cf: &Arc<CacheFile>, i: u64, rel: Range<u64>) -> Result<Bytes> {
+    async fn read_chunk(
+        self: &Arc<Self>,
+        cf: &Arc<CacheFile>,
+        i: u64,
+        rel: Range<u64>,
+    ) -> Result<Bytes> {
         if let Some(b) = self.store.read(cf, i, rel.clone()) {
             add(&self.stats.cache_hits, 1);
             add(&self.stats.bytes_from_cache, b.len() as u64);
@@ -169,7 +174,12 @@ impl Engine {
 
     /// The whole of chunk `i`, fetched once however many ask at a time, and
     /// stored in the cache when there is room.
-    pub async fn fetch(self: &Arc<Self>, cf: &Arc<CacheFile>, i: u64, prefetch: bool) -> Result<Bytes> {
+    pub async fn fetch(
+        self: &Arc<Self>,
+        cf: &Arc<CacheFile>,
+        i: u64,
+        prefetch: bool,
+    ) -> Result<Bytes> {
         let (engine, cf) = (self.clone(), cf.clone());
         self.flights
             .run((cf.key, i), move || async move {
@@ -180,7 +190,9 @@ impl Engine {
                 }
                 let bytes = engine.fetch_from_tiers(&cf.file, range).await?;
                 match engine.store.insert(&cf, i, &bytes, prefetch) {
-                    Ok(Insert::NoRoom) => debug!(path = %cf.file.path, chunk = i, "no room in the cache"),
+                    Ok(Insert::NoRoom) => {
+                        debug!(path = %cf.file.path, chunk = i, "no room in the cache")
+                    }
                     Ok(_) => {}
                     Err(e) => error!("{e}; serving the chunk uncached"),
                 }

@@ -76,11 +76,8 @@ impl Namespace {
         let (dir, name) = split(path);
         let mut listings = self.listings.lock();
         if let Some((_, listing)) = listings.get_mut(dir) {
-            let mut entries: Vec<DirEntry> = listing
-                .iter()
-                .filter(|e| e.name != name)
-                .cloned()
-                .collect();
+            let mut entries: Vec<DirEntry> =
+                listing.iter().filter(|e| e.name != name).cloned().collect();
             if let Ok(meta) = &fresh {
                 entries.push(DirEntry {
                     name: name.to_string(),

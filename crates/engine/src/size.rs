@@ -31,8 +31,8 @@ impl std::str::FromStr for ByteSize {
             "tb" => 1_000_000_000_000,
             other => {
                 return Err(format!(
-                    "'{s}': unknown unit '{other}' (use B, KiB, MiB, GiB, TiB; K/M/G/T mean the same)"
-                ))
+                "'{s}': unknown unit '{other}' (use B, KiB, MiB, GiB, TiB; K/M/G/T mean the same)"
+            ))
             }
         };
         Ok(ByteSize((num * mult as f64).round() as u64))
@@ -50,7 +50,7 @@ impl fmt::Display for ByteSize {
         for (name, unit) in UNITS {
             if self.0 >= unit {
                 let v = self.0 as f64 / unit as f64;
-                return if self.0 % unit == 0 {
+                return if self.0.is_multiple_of(unit) {
                     write!(f, "{}{name}", self.0 / unit)
                 } else {
                     write!(f, "{v:.2}{name}")

@@ -39,9 +39,18 @@ pub fn stat(mp: &Path, json: bool) -> Result<()> {
     }
     let b = |n: u64| ByteSize(n).to_string();
     println!("source          {}", s.source);
-    println!("served          {} (chunk hit ratio {:.1}%)", b(s.bytes_served), s.hit_ratio * 100.0);
+    println!(
+        "served          {} (chunk hit ratio {:.1}%)",
+        b(s.bytes_served),
+        s.hit_ratio * 100.0
+    );
     println!("  from cache    {}", b(s.bytes_from_cache));
-    println!("  from source   {} in {} requests ({} failed)", b(s.bytes_from_source), s.source_requests, s.source_errors);
+    println!(
+        "  from source   {} in {} requests ({} failed)",
+        b(s.bytes_from_source),
+        s.source_requests,
+        s.source_errors
+    );
     println!("  from peers    {}", b(s.bytes_from_peers));
     println!("  from warm-up  {}", b(s.bytes_from_warmup));
     println!(
@@ -55,7 +64,10 @@ pub fn stat(mp: &Path, json: bool) -> Result<()> {
         s.crc_failures
     );
     println!("cache dir       {}", s.cache_dir);
-    println!("passthrough     {} ({} opens of {})", s.passthrough, s.passthrough_opens, s.opens);
+    println!(
+        "passthrough     {} ({} opens of {})",
+        s.passthrough, s.passthrough_opens, s.opens
+    );
     println!("daemon pid      {}", s.pid);
     Ok(())
 }

@@ -95,7 +95,10 @@ pub fn mount(args: MountArgs) -> Result<()> {
 fn background(args: MountArgs) -> Result<()> {
     let mp = std::path::absolute(&args.mountpoint)?;
     let log = args.log_file.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("modelfs-{}.log", name_hash(&mp.display().to_string())))
+        std::env::temp_dir().join(format!(
+            "modelfs-{}.log",
+            name_hash(&mp.display().to_string())
+        ))
     });
     let log_file = File::options()
         .create(true)
@@ -145,7 +148,10 @@ fn background(args: MountArgs) -> Result<()> {
         }
         "" => {
             let status = child.wait()?;
-            bail!("the modelfs daemon exited ({status}) before the mount was ready; see {}", log.display())
+            bail!(
+                "the modelfs daemon exited ({status}) before the mount was ready; see {}",
+                log.display()
+            )
         }
         msg => {
             let _ = child.wait();
@@ -190,9 +196,8 @@ fn start(args: &MountArgs) -> Result<Mounted> {
         .build()?;
     let source = open_source(&args.source, &opts)?;
     // Prove the source answers before taking the mount point.
-    let probe = rt.block_on(async {
-        tokio::time::timeout(opts.request_timeout * 2, source.list("")).await
-    });
+    let probe = rt
+        .block_on(async { tokio::time::timeout(opts.request_timeout * 2, source.list("")).await });
     match probe {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => bail!("cannot list source {}: {e}", args.source),
@@ -202,9 +207,10 @@ fn start(args: &MountArgs) -> Result<Mounted> {
             opts.request_timeout * 2
         ),
     }
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| {
-        PathBuf::from("/dev/shm/modelfs").join(name_hash(source.id()))
-    });
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/dev/shm/modelfs").join(name_hash(source.id())));
     let engine = Engine::new(
         source.clone(),
         EngineConfig {
@@ -230,7 +236,12 @@ fn start(args: &MountArgs) -> Result<Mounted> {
     config.n_threads = Some(args.threads.max(1));
     config.clone_fd = true;
     let session = Session::new(fs, &mp, &config)
-        .with_context(|| format!("mounting on {} (needs root or fusermount3, and /dev/fuse)", mp.display()))?
+        .with_context(|| {
+            format!(
+                "mounting on {} (needs root or fusermount3, and /dev/fuse)",
+                mp.display()
+            )
+        })?
         .spawn()?;
     if let Err(e) = mountpoint::set_readahead(&mp, args.read_ahead.0 / 1024) {
         warn!("readahead stays at the kernel default: {e:#}");

@@ -33,7 +33,8 @@ pub fn load(files: &[PathBuf]) -> Result<(HashMap<String, u64>, u64)> {
         let f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
         // SAFETY: the file is read-only for the life of the map.
         let map = unsafe { memmap2::Mmap::map(&f)? };
-        let st = SafeTensors::deserialize(&map).with_context(|| format!("parsing {}", p.display()))?;
+        let st =
+            SafeTensors::deserialize(&map).with_context(|| format!("parsing {}", p.display()))?;
         for (name, t) in st.tensors() {
             bytes += t.data().len() as u64;
             hashes.insert(name, xxhash_rust::xxh3::xxh3_64(t.data()));
@@ -47,7 +48,10 @@ fn timed_load(files: &[PathBuf], expect: &HashMap<String, u64>) -> Result<f64> {
     let (got, bytes) = load(files)?;
     let secs = t.elapsed().as_secs_f64();
     if &got != expect {
-        let bad = expect.iter().filter(|(k, v)| got.get(*k) != Some(v)).count();
+        let bad = expect
+            .iter()
+            .filter(|(k, v)| got.get(*k) != Some(v))
+            .count();
         bail!("{bad} tensors differ from the source");
     }
     Ok(bytes as f64 / secs / 1e6)
@@ -55,11 +59,16 @@ fn timed_load(files: &[PathBuf], expect: &HashMap<String, u64>) -> Result<f64> {
 
 pub fn run(size: ByteSize, files: usize) -> Result<()> {
     let exe = std::env::current_exe()?;
-    let tmp = tempfile::Builder::new().prefix("modelfs-demo").tempdir_in("/var/tmp")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("modelfs-demo")
+        .tempdir_in("/var/tmp")?;
     let src = tmp.path().join("source");
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir_all(&mnt)?;
-    println!("making a {size} synthetic safetensors model in {}", src.display());
+    println!(
+        "making a {size} synthetic safetensors model in {}",
+        src.display()
+    );
     let shards = crate::synth::make_model(&src, size.0, files, 42)?;
     for s in &shards {
         drop_page_cache(s)?;
@@ -70,9 +79,17 @@ pub fn run(size: ByteSize, files: usize) -> Result<()> {
     }
     let direct = timed_load(&shards, &expect)?;
 
-    let cache = tempfile::Builder::new().prefix("modelfs-demo-cache").tempdir_in("/dev/shm")?;
+    let cache = tempfile::Builder::new()
+        .prefix("modelfs-demo-cache")
+        .tempdir_in("/dev/shm")?;
     let status = Command::new(&exe)
-        .args(["mount", src.to_str().unwrap(), mnt.to_str().unwrap(), "--cache-size", "4GiB"])
+        .args([
+            "mount",
+            src.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+            "--cache-size",
+            "4GiB",
+        ])
         .arg("--cache-dir")
         .arg(cache.path())
         .status()?;
@@ -94,8 +111,15 @@ pub fn run(size: ByteSize, files: usize) -> Result<()> {
     drop(unmount);
 
     println!();
-    println!("{} tensors, {} verified against the source on every load", expect.len(), ByteSize(total));
-    println!("{:<44} {:>10} {:>12}", "load (safetensors crate, mmap)", "MB/s", "vs source");
+    println!(
+        "{} tensors, {} verified against the source on every load",
+        expect.len(),
+        ByteSize(total)
+    );
+    println!(
+        "{:<44} {:>10} {:>12}",
+        "load (safetensors crate, mmap)", "MB/s", "vs source"
+    );
     for (name, v) in [
         ("source directory, read directly (cold)", direct),
         ("modelfs, cold (from the source)", cold),

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
 };
 use modelfs_engine::cache::WholeFilePin;
@@ -79,7 +79,6 @@ impl ModelFs {
             }),
         }
     }
-
 }
 
 impl Inner {
@@ -217,7 +216,10 @@ impl Filesystem for ModelFs {
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
-        let pt = if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_err() {
+        let pt = if config
+            .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+            .is_err()
+        {
             Err("the kernel does not offer FUSE passthrough (needs Linux 6.9 or later)".into())
         } else if config.set_max_stack_depth(1).is_err() {
             Err("the kernel refused a stacking depth of 1".into())
@@ -291,7 +293,8 @@ impl Filesystem for ModelFs {
             let result = inner.engine.read(&h.open, offset, size as u64).await;
             match result {
                 Ok(b) => reply.data(&b),
-                Err(e) => reply.error(errno(&e)),
+                // The engine logged the path and cause; readers see EIO.
+                Err(_) => reply.error(Errno::EIO),
             }
         });
     }

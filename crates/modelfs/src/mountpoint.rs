@@ -72,7 +72,8 @@ pub fn check(mountpoint: &Path) -> Result<PathBuf> {
     if !meta.is_dir() {
         bail!("mount point {} is not a directory", abs.display());
     }
-    let mut entries = std::fs::read_dir(&abs).with_context(|| format!("mount point {}", abs.display()))?;
+    let mut entries =
+        std::fs::read_dir(&abs).with_context(|| format!("mount point {}", abs.display()))?;
     if entries.next().is_some() {
         bail!(
             "mount point {} is not empty; mount on an empty directory so nothing is hidden",

@@ -113,7 +113,12 @@ pub fn make_model(dir: &Path, size: u64, files: usize, seed: u64) -> Result<Vec<
         let views: Vec<(String, TensorView<'_>)> = shard
             .iter()
             .zip(&datas)
-            .map(|(s, d)| Ok((s.name.clone(), TensorView::new(Dtype::BF16, s.shape.clone(), d)?)))
+            .map(|(s, d)| {
+                Ok((
+                    s.name.clone(),
+                    TensorView::new(Dtype::BF16, s.shape.clone(), d)?,
+                ))
+            })
             .collect::<Result<_>>()?;
         let path = dir.join(&fname);
         safetensors::serialize_to_file(views, None, &path)
@@ -124,7 +129,10 @@ pub fn make_model(dir: &Path, size: u64, files: usize, seed: u64) -> Result<Vec<
         out.push(path);
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index)?)?;
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_vec_pretty(&index)?,
+    )?;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "intermediate_size": inter,
         "num_hidden_layers": layer, "vocab_size": vocab, "torch_dtype": "bfloat16"

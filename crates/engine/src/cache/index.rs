@@ -92,8 +92,7 @@ impl Index {
             e[0..4].copy_from_slice(&crc.to_le_bytes());
             e[4..8].copy_from_slice(&PRESENT.to_le_bytes());
         }
-        self.file
-            .write_all_at(&e, self.entries_at + index * ENTRY)
+        self.file.write_all_at(&e, self.entries_at + index * ENTRY)
     }
 }
 
@@ -145,7 +144,13 @@ mod tests {
                 size: 10,
             },
         };
-        let f = File::options().create(true).read(true).write(true).open(&p).unwrap();
+        let f = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
         let idx = Index::create(f, &header).unwrap();
         idx.set(0, Some(0xdead_beef)).unwrap();
         idx.set(2, Some(7)).unwrap();

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tracing::{debug, info, warn};
 
-use super::index::{Header, Index};
+use super::index::{Header, Index, Present};
 use super::lru::Lru;
 use crate::stats::{add, Stats};
 use crate::{Error, FileVersion, Result};
@@ -247,7 +247,7 @@ impl ChunkStore {
         Ok(())
     }
 
-    fn load_one(&self, idx_path: &Path) -> Option<(Arc<CacheFile>, Vec<(u64, u32)>)> {
+    fn load_one(&self, idx_path: &Path) -> Option<(Arc<CacheFile>, Vec<Present>)> {
         let f = File::options().read(true).write(true).open(idx_path).ok()?;
         let (index, header, present) = Index::load(f).ok()??;
         let key = key_of(&self.cfg.source_id, header.chunk_size, &header.file);
@@ -255,7 +255,11 @@ impl ChunkStore {
         if header.chunk_size != self.cfg.chunk_size || expect_idx != idx_path {
             return None;
         }
-        let data = File::options().read(true).write(true).open(&data_path).ok()?;
+        let data = File::options()
+            .read(true)
+            .write(true)
+            .open(&data_path)
+            .ok()?;
         if data.metadata().ok()?.len() != header.file.size {
             return None;
         }
@@ -538,7 +542,10 @@ impl ChunkStore {
         }
         let mut inner = self.inner.lock();
         let e = inner.files.get_mut(&cf.key)?;
-        if e.slots.iter().any(|s| s.state != State::Present || !s.verified) {
+        if e.slots
+            .iter()
+            .any(|s| s.state != State::Present || !s.verified)
+        {
             return None;
         }
         e.whole_pins += 1;
@@ -550,7 +557,10 @@ impl ChunkStore {
                 file,
             }),
             Err(e) => {
-                warn!("cannot open {} for passthrough: {e}", cf.data_path.display());
+                warn!(
+                    "cannot open {} for passthrough: {e}",
+                    cf.data_path.display()
+                );
                 self.unpin_whole(cf);
                 None
             }
@@ -620,7 +630,9 @@ mod tests {
     }
 
     fn chunk(i: u64, len: usize) -> Vec<u8> {
-        (0..len).map(|b| (i as u8).wrapping_mul(31) ^ b as u8).collect()
+        (0..len)
+            .map(|b| (i as u8).wrapping_mul(31) ^ b as u8)
+            .collect()
     }
 
     #[test]
@@ -632,13 +644,22 @@ mod tests {
         assert!(s.read(&cf, 0, 0..4).is_none());
         for i in 0..3 {
             let len = cf.chunk_len(i) as usize;
-            assert_eq!(s.insert(&cf, i, &chunk(i, len), false).unwrap(), Insert::Stored);
+            assert_eq!(
+                s.insert(&cf, i, &chunk(i, len), false).unwrap(),
+                Insert::Stored
+            );
         }
-        assert_eq!(s.insert(&cf, 1, &chunk(1, 4), false).unwrap(), Insert::Skipped);
+        assert_eq!(
+            s.insert(&cf, 1, &chunk(1, 4), false).unwrap(),
+            Insert::Skipped
+        );
         assert_eq!(&s.read(&cf, 1, 1..3).unwrap()[..], &chunk(1, 4)[1..3]);
         assert_eq!(&s.read(&cf, 2, 0..2).unwrap()[..], &chunk(2, 2)[..]);
         assert_eq!(s.usage(), (10, 3));
-        assert!(s.insert(&cf, 0, &[1, 2], false).is_err(), "wrong length is refused");
+        assert!(
+            s.insert(&cf, 0, &[1, 2], false).is_err(),
+            "wrong length is refused"
+        );
     }
 
     #[test]
@@ -652,7 +673,12 @@ mod tests {
         s.insert(&cf, 2, &chunk(2, 4), false).unwrap();
         assert!(s.contains(&cf, 0) && !s.contains(&cf, 1) && s.contains(&cf, 2));
         assert_eq!(s.usage(), (8, 2));
-        assert_eq!(s.stats.chunks_evicted.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            s.stats
+                .chunks_evicted
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
 
         // Files pinned whole for passthrough cannot lose chunks.
         let b = s.file(&fv("b", 4)).unwrap();
@@ -660,10 +686,16 @@ mod tests {
         s.insert(&b, 0, &chunk(9, 4), false).unwrap();
         s.insert(&c, 0, &chunk(5, 4), false).unwrap();
         let pins = (s.pin_whole(&b).unwrap(), s.pin_whole(&c).unwrap());
-        assert_eq!(s.insert(&cf, 3, &chunk(3, 4), false).unwrap(), Insert::NoRoom);
+        assert_eq!(
+            s.insert(&cf, 3, &chunk(3, 4), false).unwrap(),
+            Insert::NoRoom
+        );
         assert!(s.contains(&b, 0) && s.contains(&c, 0));
         drop(pins);
-        assert_eq!(s.insert(&cf, 3, &chunk(3, 4), false).unwrap(), Insert::Stored);
+        assert_eq!(
+            s.insert(&cf, 3, &chunk(3, 4), false).unwrap(),
+            Insert::Stored
+        );
         assert!(!s.contains(&b, 0), "b was the least recently used");
     }
 
@@ -674,12 +706,21 @@ mod tests {
         let cf = s.file(&fv("a", 16)).unwrap();
         s.insert(&cf, 0, &chunk(0, 4), true).unwrap();
         s.insert(&cf, 1, &chunk(1, 4), true).unwrap();
-        assert_eq!(s.insert(&cf, 2, &chunk(2, 4), true).unwrap(), Insert::NoRoom);
+        assert_eq!(
+            s.insert(&cf, 2, &chunk(2, 4), true).unwrap(),
+            Insert::NoRoom
+        );
         s.read(&cf, 0, 0..4).unwrap();
-        assert_eq!(s.insert(&cf, 2, &chunk(2, 4), true).unwrap(), Insert::Stored);
+        assert_eq!(
+            s.insert(&cf, 2, &chunk(2, 4), true).unwrap(),
+            Insert::Stored
+        );
         assert!(!s.contains(&cf, 0) && s.contains(&cf, 1));
         // A demand read may evict anything unpinned.
-        assert_eq!(s.insert(&cf, 3, &chunk(3, 4), false).unwrap(), Insert::Stored);
+        assert_eq!(
+            s.insert(&cf, 3, &chunk(3, 4), false).unwrap(),
+            Insert::Stored
+        );
     }
 
     #[test]
@@ -693,7 +734,9 @@ mod tests {
                 s.insert(&cf, i, &chunk(i, 4), false).unwrap();
             }
             // A second process cannot take the same dir.
-            let e = ChunkStore::open(s.cfg.clone(), Arc::default()).err().unwrap();
+            let e = ChunkStore::open(s.cfg.clone(), Arc::default())
+                .err()
+                .unwrap();
             assert!(e.to_string().contains("in use by another modelfs"), "{e}");
         }
         let s = store(d.path(), 100);
@@ -703,9 +746,17 @@ mod tests {
         cf.data.write_all_at(b"XXXX", 4).unwrap();
         assert_eq!(&s.read(&cf, 0, 0..4).unwrap()[..], &chunk(0, 4)[..]);
         assert!(s.read(&cf, 1, 0..4).is_none());
-        assert_eq!(s.stats.crc_failures.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            s.stats
+                .crc_failures
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
         assert!(!s.contains(&cf, 1));
-        assert!(s.pin_whole(&cf).is_none(), "a hole is never handed to passthrough");
+        assert!(
+            s.pin_whole(&cf).is_none(),
+            "a hole is never handed to passthrough"
+        );
         s.insert(&cf, 1, &chunk(1, 4), false).unwrap();
         assert!(s.pin_whole(&cf).is_some());
 

@@ -79,11 +79,7 @@ impl Source for OpendalSource {
         } else {
             format!("{dir}/")
         };
-        let entries = self
-            .op
-            .list(&prefix)
-            .await
-            .map_err(|e| self.err(dir, e))?;
+        let entries = self.op.list(&prefix).await.map_err(|e| self.err(dir, e))?;
         let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
             let name = entry.name().trim_end_matches('/');

@@ -1,0 +1,183 @@
+//! Helpers for tests through a real FUSE mount of the real binary.
+#![allow(dead_code)]
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_modelfs")
+}
+
+pub fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("running modelfs")
+}
+
+/// A work dir with `src/` (the source), `mnt/` and a cache dir in /dev/shm.
+pub struct Work {
+    pub dir: tempfile::TempDir,
+    pub cache: tempfile::TempDir,
+}
+
+impl Work {
+    pub fn new() -> Work {
+        let dir = tempfile::Builder::new()
+            .prefix("modelfs-test")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        std::fs::create_dir_all(dir.path().join("src")).unwrap();
+        std::fs::create_dir_all(dir.path().join("mnt")).unwrap();
+        let cache = tempfile::Builder::new()
+            .prefix("modelfs-test-cache")
+            .tempdir_in("/dev/shm")
+            .unwrap();
+        Work { dir, cache }
+    }
+    pub fn src(&self) -> PathBuf {
+        self.dir.path().join("src")
+    }
+    pub fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+    pub fn mount(&self, extra: &[&str]) -> Mount {
+        Mount::new(&self.src(), &self.mnt(), self.cache.path(), extra)
+    }
+}
+
+/// A running mount; unmounted when dropped, even when the test failed.
+pub struct Mount {
+    pub mp: PathBuf,
+}
+
+impl Mount {
+    pub fn new(src: &Path, mp: &Path, cache: &Path, extra: &[&str]) -> Mount {
+        let mut args = vec![
+            "mount",
+            src.to_str().unwrap(),
+            mp.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ];
+        if !extra.contains(&"--cache-size") {
+            args.extend(["--cache-size", "2GiB"]);
+        }
+        args.extend(extra);
+        let out = run(&args);
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount {
+            mp: mp.to_path_buf(),
+        }
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        let out = run(&["stat", self.mp.to_str().unwrap(), "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn stat_u64(&self, key: &str) -> u64 {
+        self.stats()[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no key {key}"))
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mp.join(rel)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = run(&["unmount", self.mp.to_str().unwrap()]);
+        if is_mounted(&self.mp) {
+            let _ = nix::mount::umount2(&self.mp, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+pub fn is_mounted(mp: &Path) -> bool {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mi.lines()
+        .any(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap()))
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = vec![0u8; len];
+    for c in v.chunks_mut(8) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        c.copy_from_slice(&s.to_le_bytes()[..c.len()]);
+    }
+    v
+}
+
+pub fn write_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let data = pattern(len, seed);
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// Compares two files byte for byte, reporting the first difference.
+pub fn assert_same_file(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} vs {}: sizes differ",
+        a.display(),
+        b.display()
+    );
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!(
+            "{} vs {}: first difference at byte {i}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+pub fn pread(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; len];
+    let n = f.read_at(&mut buf, offset)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Drops a file's pages from the kernel page cache, so the next read goes
+/// to the file system (the mount) again.
+pub fn drop_page_cache(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: advisory call on an fd we own.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}

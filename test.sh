@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every test of modelfs on this machine, installing first whatever a
+# fresh machine lacks. The tests mount real FUSE file systems: run as root
+# (or with CAP_SYS_ADMIN) on a machine with /dev/fuse.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+log() { printf '== test.sh: %s\n' "$*"; }
+
+[ -e /dev/fuse ] || { echo "test.sh: /dev/fuse is missing; the tests mount real FUSE file systems" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "test.sh: run as root: the tests mount FUSE file systems and tune their readahead" >&2; exit 1; }
+
+apt_pkgs=()
+command -v fio >/dev/null || apt_pkgs+=(fio)
+command -v cmp >/dev/null || apt_pkgs+=(diffutils)
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
+  log "installing ${apt_pkgs[*]}"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${apt_pkgs[@]}" >/dev/null
+fi
+if ! python3 -c 'import safetensors, numpy' 2>/dev/null; then
+  log "installing Python safetensors and numpy"
+  python3 -m pip install -q safetensors numpy
+fi
+
+log "format and lints"
+cargo fmt --all -- --check
+cargo clippy --release --all-targets -- -D warnings
+
+log "tests"
+cargo test --release
