@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod namespace;
 pub mod prefetch;
+pub mod push;
 pub mod singleflight;
 pub mod size;
 pub mod source;

@@ -15,12 +15,13 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, Context, Result};
 use fuser::{Config, MountOption, Session, SessionACL};
 use modelfs_engine::size::ByteSize;
-use modelfs_engine::source::{open_source, SourceOptions};
+use modelfs_engine::source::open_source;
 use modelfs_engine::{Engine, EngineConfig};
 use tracing::{info, warn};
 
 use crate::fuse::ModelFs;
 use crate::mountpoint;
+use crate::source_args::{secs, SourceArgs};
 
 const READY_FD: &str = "MODELFS_READY_FD";
 
@@ -57,21 +58,8 @@ pub struct MountArgs {
     /// Log of the background daemon (default: /tmp/modelfs-<mount>.log)
     #[arg(long)]
     pub log_file: Option<PathBuf>,
-    /// Object store endpoint, e.g. http://10.0.0.5:9000
-    #[arg(long, env = "MODELFS_ENDPOINT")]
-    pub endpoint: Option<String>,
-    /// Object store region
-    #[arg(long, env = "AWS_REGION")]
-    pub region: Option<String>,
-    /// S3 virtual-hosted addressing (bucket.endpoint) instead of path style
-    #[arg(long)]
-    pub virtual_host_style: bool,
-    /// Timeout of one request to an object store, in seconds
-    #[arg(long, default_value_t = 30.0)]
-    pub request_timeout: f64,
-    /// Retries of a failed request to an object store
-    #[arg(long, default_value_t = 4)]
-    pub retries: usize,
+    #[command(flatten)]
+    pub store: SourceArgs,
 }
 
 fn name_hash(s: &str) -> String {
@@ -160,10 +148,6 @@ fn background(args: MountArgs) -> Result<()> {
     }
 }
 
-fn secs(v: f64, flag: &str) -> Result<Duration> {
-    Duration::try_from_secs_f64(v).map_err(|_| anyhow!("{flag} {v}: give a number of seconds"))
-}
-
 struct Mounted {
     _rt: tokio::runtime::Runtime,
     session: fuser::BackgroundSession,
@@ -182,13 +166,7 @@ fn start(args: &MountArgs) -> Result<Mounted> {
             ByteSize(min)
         );
     }
-    let opts = SourceOptions {
-        endpoint: args.endpoint.clone(),
-        region: args.region.clone(),
-        virtual_host_style: args.virtual_host_style,
-        request_timeout: secs(args.request_timeout, "--request-timeout")?,
-        retries: args.retries,
-    };
+    let opts = args.store.options()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .thread_name("modelfs-io")

@@ -4,6 +4,8 @@ mod demo;
 mod fuse;
 mod inodes;
 mod mountpoint;
+mod push;
+mod source_args;
 mod synth;
 
 use std::path::PathBuf;
@@ -25,6 +27,8 @@ struct Cli {
 enum Cmd {
     /// Mount SOURCE read-only at MOUNTPOINT with a node-local chunk cache
     Mount(daemon::MountArgs),
+    /// Upload a model directory to object storage (parallel multipart, verified)
+    Push(push::PushArgs),
     /// Unmount a modelfs mount, even with files open on it
     Unmount { mountpoint: PathBuf },
     /// Counters of a mount: bytes by tier, cache use, passthrough
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Mount(args) => daemon::mount(args),
+        Cmd::Push(args) => push::run(args),
         Cmd::Unmount { mountpoint } => control::unmount(&mountpoint),
         Cmd::Stat { mountpoint, json } => control::stat(&mountpoint, json),
         Cmd::Demo { size, files } => demo::run(size, files),

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use self::opendal::OpendalSource;
-pub use self::uri::{open_source, SourceOptions};
+pub use self::uri::{open_source, operator, SourceOptions};
 use crate::Result;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -58,13 +58,48 @@ impl OpendalSource {
 
     fn err(&self, path: &str, e: opendal::Error) -> Error {
         match e.kind() {
-            ErrorKind::NotFound => Error::NotFound(path.to_string()),
+            ErrorKind::NotFound if !e.to_string().contains("NoSuchBucket") => {
+                Error::NotFound(path.to_string())
+            }
             _ => Error::Source {
                 path: format!("{}/{}", self.id.trim_end_matches('/'), path),
-                msg: e.to_string(),
+                msg: describe(&e),
             },
         }
     }
+}
+
+/// One line a user can act on, from OpenDAL's error and its causes.
+pub fn describe(e: &opendal::Error) -> String {
+    let mut causes = vec![];
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        causes.push(c.to_string());
+        cur = c.source();
+    }
+    let text = e.to_string();
+    let all = format!("{text} {}", causes.join(" ")).to_lowercase();
+    let root = causes.last().cloned().unwrap_or_default();
+    let code = |c: &str| all.contains(&c.to_lowercase());
+    let line = if code("NoSuchBucket") {
+        "the bucket does not exist; check the name in the URL and the endpoint".to_string()
+    } else if code("signing credential") {
+        "no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, a web identity or instance role; OSS_ACCESS_KEY_ID for oss://)".to_string()
+    } else if e.kind() == ErrorKind::PermissionDenied || code("AccessDenied") || code("InvalidAccessKeyId") {
+        "access denied; check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or a role)".to_string()
+    } else if ["certificate", "tls", "ssl", "handshake", "invalidcontenttype", "corrupt message"]
+        .iter()
+        .any(|w| all.contains(w))
+    {
+        format!("TLS failure: {root}; check the endpoint's scheme (http/https) and its certificate")
+    } else if code("error sending request") || code("connection refused") || code("dns error") {
+        format!("cannot connect to the endpoint: {root}")
+    } else if e.kind() == ErrorKind::RateLimited || code("SlowDown") {
+        format!("throttled by the store after retries: {text}")
+    } else {
+        format!("{} ({})", e.kind(), if root.is_empty() { text } else { root })
+    };
+    line.replace('\n', " ")
 }
 
 #[async_trait]

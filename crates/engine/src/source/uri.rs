@@ -46,6 +46,14 @@ fn bucket_and_root(rest: &str, url: &str) -> Result<(String, String)> {
 }
 
 pub fn open_source(url: &str, opts: &SourceOptions) -> Result<Arc<dyn Source>> {
+    let (id, op) = operator(url, opts)?;
+    Ok(Arc::new(OpendalSource::new(id, op)))
+}
+
+/// The OpenDAL operator for a source URL, and the source's stable id.
+pub fn operator(url: &str, opts: &SourceOptions) -> Result<(String, Operator)> {
+    // The HTTP transport is process-wide; installing it again is a no-op.
+    opendal::install_default();
     let bad = |e: opendal::Error| Error::Config(format!("{url}: {e}"));
     let (scheme, rest) = match url.split_once("://") {
         Some((s, r)) => (s, r),
@@ -70,7 +78,7 @@ pub fn open_source(url: &str, opts: &SourceOptions) -> Result<Arc<dyn Source>> {
             let abs = std::fs::canonicalize(path).map_err(|e| Error::io(url, e))?;
             let id = abs.display().to_string();
             let op = Operator::new(services::Fs::default().root(&id)).map_err(bad)?;
-            return Ok(Arc::new(OpendalSource::new(id, op)));
+            return Ok((id, op));
         }
         "s3" => {
             let (bucket, root) = bucket_and_root(rest, url)?;
@@ -131,7 +139,7 @@ pub fn open_source(url: &str, opts: &SourceOptions) -> Result<Arc<dyn Source>> {
                 .with_min_delay(Duration::from_millis(100))
                 .with_max_delay(Duration::from_secs(5)),
         );
-    Ok(Arc::new(OpendalSource::new(url.trim_end_matches('/'), op)))
+    Ok((url.trim_end_matches('/').to_string(), op))
 }
 
 #[cfg(test)]
