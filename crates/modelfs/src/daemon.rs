@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use fuser::{Config, MountOption, Session, SessionACL};
 use modelfs_engine::size::ByteSize;
 use modelfs_engine::source::open_source;
-use modelfs_engine::{Engine, EngineConfig};
+use modelfs_engine::{Engine, EngineConfig, Error};
 use tracing::{info, warn};
 
 use crate::fuse::ModelFs;
@@ -177,10 +177,15 @@ fn start(args: &MountArgs) -> Result<Mounted> {
     let probe = rt
         .block_on(async { tokio::time::timeout(opts.request_timeout * 2, source.list("")).await });
     match probe {
+        Ok(Ok(entries)) if entries.is_empty() && args.source.contains("://") => bail!(
+            "source {} holds no objects; check the bucket and prefix",
+            args.source
+        ),
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => bail!("cannot list source {}: {e}", args.source),
+        Ok(Err(Error::Source { msg, .. })) => bail!("source {}: {msg}", args.source),
+        Ok(Err(e)) => bail!("source {}: {e}", args.source),
         Err(_) => bail!(
-            "source {} did not answer within {:?}; check the endpoint and network",
+            "source {} did not answer within {:?}; check the endpoint and the network",
             args.source,
             opts.request_timeout * 2
         ),
