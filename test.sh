@@ -23,6 +23,12 @@ if ! python3 -c 'import safetensors, numpy' 2>/dev/null; then
   python3 -m pip install -q safetensors numpy
 fi
 
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v garage >/dev/null; then
+  log "installing Garage, the S3 server the tests talk to (about 7 minutes, once)"
+  cargo install garage --locked --quiet
+fi
+
 log "format and lints"
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings

@@ -45,10 +45,11 @@ CFG
 init() {
   local i node
   for i in $(seq 1 100); do
-    if node=$("$garage" -c "$cfg" node id -q 2>/dev/null); then break; fi
+    if "$garage" -c "$cfg" status >/dev/null 2>&1; then break; fi
     [ "$i" = 100 ] && { echo "garage.sh: the server did not come up; see $dir/garage.log" >&2; exit 1; }
     sleep 0.2
   done
+  node=$("$garage" -c "$cfg" node id -q)
   node=${node%%@*}
   "$garage" -c "$cfg" layout assign -z dc1 -c 100G "$node" >/dev/null
   "$garage" -c "$cfg" layout apply --version 1 >/dev/null

@@ -44,7 +44,11 @@ fn walk(root: &Path) -> Result<Vec<(String, PathBuf, u64)>> {
             if m.is_dir() {
                 stack.push(p);
             } else if m.is_file() {
-                let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().into_owned();
+                let rel = p
+                    .strip_prefix(root)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .into_owned();
                 out.push((rel, p, m.len()));
             }
         }
@@ -68,7 +72,10 @@ async fn file_crc(path: &Path) -> Result<u32> {
 }
 
 async fn object_crc(op: &Operator, path: &str) -> Result<u32> {
-    let err = |e: opendal::Error| Error::Source { path: path.to_string(), msg: e.to_string() };
+    let err = |e: opendal::Error| Error::Source {
+        path: path.to_string(),
+        msg: e.to_string(),
+    };
     let mut stream = op
         .reader_with(path)
         .chunk(8 << 20)
@@ -93,7 +100,10 @@ async fn push_one(
     opts: &PushOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<bool> {
-    let err = |e: opendal::Error| Error::Source { path: rel.to_string(), msg: e.to_string() };
+    let err = |e: opendal::Error| Error::Source {
+        path: rel.to_string(),
+        msg: e.to_string(),
+    };
     let crc = format!("{:08x}", file_crc(local).await?);
     if let Ok(m) = op.stat(rel).await {
         let same = m.content_length() == size
@@ -134,7 +144,11 @@ async fn push_one(
     if m.content_length() != size {
         return Err(Error::Source {
             path: rel.into(),
-            msg: format!("uploaded {} bytes but the store holds {}", size, m.content_length()),
+            msg: format!(
+                "uploaded {} bytes but the store holds {}",
+                size,
+                m.content_length()
+            ),
         });
     }
     if opts.read_back {
@@ -161,7 +175,10 @@ pub async fn push(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<PushReport> {
     if !local.is_dir() {
-        return Err(Error::Config(format!("{} is not a directory", local.display())));
+        return Err(Error::Config(format!(
+            "{} is not a directory",
+            local.display()
+        )));
     }
     let (_, op) = operator(url, src)?;
     let files = walk(local)?;

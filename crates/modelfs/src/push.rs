@@ -44,9 +44,9 @@ pub fn run(args: PushArgs) -> Result<()> {
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
     }
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")?,
-    );
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+    )?);
     let t = Instant::now();
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(push(
@@ -66,7 +66,11 @@ pub fn run(args: PushArgs) -> Result<()> {
         report.bytes_uploaded as f64 / secs / 1e6,
         report.skipped.len(),
         args.url,
-        if opts.read_back { "; every upload read back and verified" } else { "" }
+        if opts.read_back {
+            "; every upload read back and verified"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

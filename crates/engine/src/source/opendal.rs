@@ -85,19 +85,36 @@ pub fn describe(e: &opendal::Error) -> String {
         "the bucket does not exist; check the name in the URL and the endpoint".to_string()
     } else if code("signing credential") {
         "no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, a web identity or instance role; OSS_ACCESS_KEY_ID for oss://)".to_string()
-    } else if e.kind() == ErrorKind::PermissionDenied || code("AccessDenied") || code("InvalidAccessKeyId") {
+    } else if e.kind() == ErrorKind::PermissionDenied
+        || code("AccessDenied")
+        || code("InvalidAccessKeyId")
+    {
         "access denied; check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or a role)".to_string()
-    } else if ["certificate", "tls", "ssl", "handshake", "invalidcontenttype", "corrupt message"]
-        .iter()
-        .any(|w| all.contains(w))
+    } else if [
+        "certificate",
+        "tls",
+        "ssl",
+        "handshake",
+        "invalidcontenttype",
+        "corrupt message",
+    ]
+    .iter()
+    .any(|w| all.contains(w))
     {
         format!("TLS failure: {root}; check the endpoint's scheme (http/https) and its certificate")
     } else if code("error sending request") || code("connection refused") || code("dns error") {
         format!("cannot connect to the endpoint: {root}")
+    } else if code("timeout") || code("timed out") {
+        "the endpoint did not answer within --request-timeout; check the endpoint and the network"
+            .to_string()
     } else if e.kind() == ErrorKind::RateLimited || code("SlowDown") {
         format!("throttled by the store after retries: {text}")
     } else {
-        format!("{} ({})", e.kind(), if root.is_empty() { text } else { root })
+        format!(
+            "{} ({})",
+            e.kind(),
+            if root.is_empty() { text } else { root }
+        )
     };
     line.replace('\n', " ")
 }

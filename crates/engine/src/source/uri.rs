@@ -131,7 +131,11 @@ pub fn operator(url: &str, opts: &SourceOptions) -> Result<(String, Operator)> {
         }
     };
     let op = op
-        .layer(TimeoutLayer::new().with_io_timeout(opts.request_timeout))
+        .layer(
+            TimeoutLayer::new()
+                .with_timeout(opts.request_timeout)
+                .with_io_timeout(opts.request_timeout),
+        )
         .layer(
             RetryLayer::new()
                 .with_jitter()

@@ -1,6 +1,8 @@
 //! Helpers for tests through a real FUSE mount of the real binary.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -44,7 +46,20 @@ impl Work {
         self.dir.path().join("mnt")
     }
     pub fn mount(&self, extra: &[&str]) -> Mount {
-        Mount::new(&self.src(), &self.mnt(), self.cache.path(), extra)
+        Mount::new(
+            self.src().to_str().unwrap(),
+            &self.mnt(),
+            self.cache.path(),
+            extra,
+            &[],
+        )
+    }
+    /// Mounts `url` from the test Garage, with its endpoint and credentials.
+    pub fn mount_s3(&self, url: &str, extra: &[&str]) -> Mount {
+        let g = s3::garage();
+        let mut args = vec!["--endpoint", g.endpoint.as_str()];
+        args.extend(extra);
+        Mount::new(url, &self.mnt(), self.cache.path(), &args, &g.env)
     }
 }
 
@@ -54,10 +69,16 @@ pub struct Mount {
 }
 
 impl Mount {
-    pub fn new(src: &Path, mp: &Path, cache: &Path, extra: &[&str]) -> Mount {
+    pub fn new(
+        src: &str,
+        mp: &Path,
+        cache: &Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Mount {
         let mut args = vec![
             "mount",
-            src.to_str().unwrap(),
+            src,
             mp.to_str().unwrap(),
             "--cache-dir",
             cache.to_str().unwrap(),
@@ -66,7 +87,11 @@ impl Mount {
             args.extend(["--cache-size", "2GiB"]);
         }
         args.extend(extra);
-        let out = run(&args);
+        let out = Command::new(bin())
+            .args(&args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "mount failed: {}",
