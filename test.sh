@@ -18,9 +18,13 @@ if [ ${#apt_pkgs[@]} -gt 0 ]; then
   apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${apt_pkgs[@]}" >/dev/null
 fi
-if ! python3 -c 'import safetensors, numpy' 2>/dev/null; then
-  log "installing Python safetensors and numpy"
-  python3 -m pip install -q safetensors numpy
+if ! python3 -c 'import safetensors, numpy, azure.storage.blob' 2>/dev/null; then
+  log "installing Python safetensors, numpy and azure-storage-blob"
+  python3 -m pip install -q safetensors numpy azure-storage-blob
+fi
+if ! command -v azurite-blob >/dev/null; then
+  log "installing Azurite, the Azure Blob emulator"
+  npm install -g --silent azurite@3
 fi
 
 export PATH="$HOME/.cargo/bin:$PATH"

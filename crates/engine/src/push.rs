@@ -11,8 +11,9 @@ use tokio::io::AsyncReadExt;
 use crate::source::{operator, SourceOptions};
 use crate::{Error, Result};
 
-/// User metadata holding the whole object's crc32c, written by push.
-const CRC_KEY: &str = "modelfs-crc32c";
+/// User metadata holding the whole object's crc32c, written by push; a bare
+/// identifier, the one form every service (Azure included) accepts.
+const CRC_KEY: &str = "modelfscrc32c";
 
 #[derive(Debug, Clone)]
 pub struct PushOptions {

@@ -28,6 +28,30 @@ fn parse_env(out: &[u8]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Starts a server that lives as long as this test process and dies with it
+/// (PR_SET_PDEATHSIG), so a failed test never leaves it running.
+pub fn spawn_for_process(mut cmd: Command, log: std::fs::File) -> std::io::Result<()> {
+    cmd.stdout(log.try_clone()?).stderr(log);
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The death signal follows the thread that forked, so that thread waits
+    // on the server for the life of the process.
+    std::thread::spawn(move || match cmd.spawn() {
+        Ok(mut child) => {
+            tx.send(Ok(())).unwrap();
+            let _ = child.wait();
+        }
+        Err(e) => tx.send(Err(e)).unwrap(),
+    });
+    rx.recv().unwrap()
+}
+
 /// One Garage per test process, started on first use. It dies with the
 /// process (PR_SET_PDEATHSIG), so a failed test never leaves it running.
 pub fn garage() -> &'static Garage {
@@ -64,37 +88,10 @@ pub fn garage() -> &'static Garage {
             }
         });
         let log = std::fs::File::create(dir.join("garage.log")).unwrap();
-        let cfg = dir.join("garage.toml");
-        let (tx, rx) = std::sync::mpsc::channel();
-        // The death signal follows the thread that forked, so that thread
-        // waits on the server for the life of the process.
-        std::thread::spawn(move || {
-            let mut cmd = Command::new(&bin);
-            cmd.arg("-c")
-                .arg(&cfg)
-                .arg("server")
-                .stdout(log.try_clone().unwrap())
-                .stderr(log);
-            // SAFETY: prctl is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-            match cmd.spawn() {
-                Ok(mut child) => {
-                    tx.send(Ok(())).unwrap();
-                    let _ = child.wait();
-                }
-                Err(e) => tx
-                    .send(Err(format!(
-                        "starting {bin}: {e} (./test.sh installs garage)"
-                    )))
-                    .unwrap(),
-            }
-        });
-        rx.recv().unwrap().unwrap();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-c").arg(dir.join("garage.toml")).arg("server");
+        spawn_for_process(cmd, log)
+            .unwrap_or_else(|e| panic!("starting {bin}: {e} (./test.sh installs garage)"));
         let out = Command::new(script())
             .arg("init")
             .arg(&dir)
