@@ -46,12 +46,12 @@ pub struct OpenFile {
 }
 
 impl Engine {
-    /// `tiers` are asked in order after the local cache misses; the origin is
-    /// always the last.
+    /// `tiers` makes the tiers asked in order after the local cache misses
+    /// (given the engine's counters); the origin is always the last.
     pub fn new(
         source: Arc<dyn Source>,
         cfg: EngineConfig,
-        mut tiers: Vec<Arc<dyn Tier>>,
+        tiers: impl FnOnce(&Arc<Stats>) -> Vec<Arc<dyn Tier>>,
     ) -> Result<Arc<Self>> {
         if cfg.chunk_size == 0 || !cfg.chunk_size.is_multiple_of(4096) {
             return Err(Error::Config(format!(
@@ -69,6 +69,7 @@ impl Engine {
             },
             stats.clone(),
         )?;
+        let mut tiers = tiers(&stats);
         tiers.push(Arc::new(OriginTier(source.clone())));
         Ok(Arc::new(Engine {
             namespace: Namespace::new(source.clone(), cfg.listing_ttl),
@@ -167,18 +168,21 @@ impl Engine {
         }
         add(&self.stats.cache_misses, 1);
         self.prefetcher.hint(cf.key, i + 1);
-        let whole = self.fetch(cf, i, false).await?;
+        let whole = self.fetch(cf, i, false, false).await?;
         self.store.mark_read(cf, i);
         Ok(whole.slice(rel.start as usize..rel.end as usize))
     }
 
     /// The whole of chunk `i`, fetched once however many ask at a time, and
-    /// stored in the cache when there is room.
+    /// stored in the cache when there is room. `for_peer` skips the peer
+    /// tiers: a peer's request is answered from here, the warm-up service or
+    /// the origin, never forwarded to another peer.
     pub async fn fetch(
         self: &Arc<Self>,
         cf: &Arc<CacheFile>,
         i: u64,
         prefetch: bool,
+        for_peer: bool,
     ) -> Result<Bytes> {
         let (engine, cf) = (self.clone(), cf.clone());
         self.flights
@@ -188,7 +192,9 @@ impl Engine {
                 if let Some(b) = engine.store.read(&cf, i, 0..range.end - range.start) {
                     return Ok(b);
                 }
-                let bytes = engine.fetch_from_tiers(&cf.file, range).await?;
+                let bytes = engine
+                    .fetch_from_tiers(&cf.file, i, range, for_peer)
+                    .await?;
                 match engine.store.insert(&cf, i, &bytes, prefetch) {
                     Ok(Insert::NoRoom) => {
                         debug!(path = %cf.file.path, chunk = i, "no room in the cache")
@@ -201,13 +207,22 @@ impl Engine {
             .await
     }
 
-    async fn fetch_from_tiers(&self, file: &FileVersion, range: Range<u64>) -> Result<Bytes> {
+    async fn fetch_from_tiers(
+        &self,
+        file: &FileVersion,
+        index: u64,
+        range: Range<u64>,
+        for_peer: bool,
+    ) -> Result<Bytes> {
         let last = self.tiers.len() - 1;
         for (n, tier) in self.tiers.iter().enumerate() {
+            if for_peer && tier.is_peer() {
+                continue;
+            }
             if n == last {
                 add(&self.stats.source_requests, 1);
             }
-            match tier.fetch(file, range.clone()).await {
+            match tier.fetch(file, index, range.clone()).await {
                 Ok(b) => {
                     add(tier.counter(&self.stats), b.len() as u64);
                     return Ok(b);
@@ -226,6 +241,66 @@ impl Engine {
             }
         }
         unreachable!("the origin tier is always last")
+    }
+
+    /// Chunk `i` of `file` for a peer: from the cache, or fetched once for
+    /// the group and kept.
+    pub async fn serve_chunk(self: &Arc<Self>, file: &FileVersion, i: u64) -> Result<Bytes> {
+        let cf = self.store.file(file)?;
+        if i >= cf.n_chunks() {
+            return Err(Error::NotFound(format!("{} chunk {i}", file.path)));
+        }
+        let r = cf.chunk_range(i);
+        if let Some(b) = self.store.read(&cf, i, 0..r.end - r.start) {
+            return Ok(b);
+        }
+        self.fetch(&cf, i, false, true).await
+    }
+
+    /// Chunk `i` of `file` if this node has it cached; never fetches.
+    pub fn cached_chunk(&self, file: &FileVersion, i: u64) -> Result<Bytes> {
+        let miss = || Error::NotFound(format!("{} chunk {i}", file.path));
+        let cf = self.store.lookup(file).ok_or_else(miss)?;
+        let r = cf.chunk_range(i);
+        if i >= cf.n_chunks() {
+            return Err(miss());
+        }
+        self.store.read(&cf, i, 0..r.end - r.start).ok_or_else(miss)
+    }
+
+    /// Fetches every chunk of `file` not yet cached, `concurrency` at a time;
+    /// `progress` gets the bytes of each chunk as it lands.
+    pub async fn warm_file(
+        self: &Arc<Self>,
+        file: &FileVersion,
+        concurrency: usize,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<()> {
+        use futures::StreamExt;
+        let cf = self.store.file(file)?;
+        let results: Vec<Result<()>> = futures::stream::iter(0..cf.n_chunks())
+            .map(|i| {
+                let cf = cf.clone();
+                async move {
+                    let len = cf.chunk_range(i).end - cf.chunk_range(i).start;
+                    if !self.store.contains(&cf, i) {
+                        self.fetch(&cf, i, false, false).await?;
+                        if !self.store.contains(&cf, i) {
+                            return Err(Error::Cache(format!(
+                                "no room for {} in --cache-size {}",
+                                file.path,
+                                crate::size::ByteSize(self.cfg.cache_capacity)
+                            )));
+                        }
+                    }
+                    progress(len);
+                    Ok(())
+                }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+        results.into_iter().collect()
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {

@@ -16,6 +16,9 @@ pub enum Error {
     Source { path: String, msg: String },
     #[error("{path}: chunk {index} failed its crc32c check")]
     Corrupt { path: String, index: u64 },
+    /// A tier that cannot answer this request: the next tier is asked.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("cache: {0}")]
     Cache(String),
     #[error("{0}")]

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod engine;
 pub mod error;
 pub mod namespace;
+pub mod peer;
 pub mod prefetch;
 pub mod push;
 pub mod singleflight;

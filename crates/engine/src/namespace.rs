@@ -90,6 +90,28 @@ impl Namespace {
         fresh
     }
 
+    /// Every file under `path` (or `path` itself if it is a file).
+    pub async fn walk(&self, path: &str) -> Result<Vec<(String, ObjectMeta)>> {
+        let path = path.trim_matches('/');
+        let meta = self.lookup(path).await?;
+        if !meta.is_dir {
+            return Ok(vec![(path.to_string(), meta)]);
+        }
+        let (mut files, mut dirs) = (vec![], vec![path.to_string()]);
+        while let Some(d) = dirs.pop() {
+            for e in self.list(&d).await?.iter() {
+                let p = join(&d, &e.name);
+                if e.meta.is_dir {
+                    dirs.push(p);
+                } else {
+                    files.push((p, e.meta.clone()));
+                }
+            }
+        }
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(files)
+    }
+
     pub fn child(dir: &str, name: &str) -> String {
         join(dir, name)
     }

@@ -125,7 +125,7 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
         let (engine, cf, job) = (engine.clone(), cf.clone(), job.clone());
         let (retry, in_flight) = (retry.clone(), in_flight.clone());
         tokio::spawn(async move {
-            match engine.fetch(&cf, i, true).await {
+            match engine.fetch(&cf, i, true, false).await {
                 Ok(_) if engine.store().contains(&cf, i) => {
                     add(&engine.stats().chunks_prefetched, 1)
                 }

@@ -1,9 +1,19 @@
 //! Counters a mount reports through `modelfs stat`. The JSON keys are a
 //! contract scripts rely on: add keys, never rename them.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+
+/// What one peer (or the warm-up service) gave this node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerCounters {
+    pub bytes: u64,
+    pub errors: u64,
+    pub crc_failures: u64,
+}
 
 #[derive(Default, Debug)]
 pub struct Stats {
@@ -25,6 +35,8 @@ pub struct Stats {
     pub cache_misses: AtomicU64,
     pub passthrough_opens: AtomicU64,
     pub opens: AtomicU64,
+    pub chunks_served_to_peers: AtomicU64,
+    pub peers: Mutex<BTreeMap<String, PeerCounters>>,
 }
 
 pub fn add(c: &AtomicU64, n: u64) {
@@ -59,9 +71,16 @@ pub struct StatsSnapshot {
     pub passthrough_opens: u64,
     /// "enabled", or why reads go through userspace instead.
     pub passthrough: String,
+    pub chunks_served_to_peers: u64,
+    /// By peer address (and the warm-up service's URL).
+    pub peers: BTreeMap<String, PeerCounters>,
 }
 
 impl Stats {
+    pub fn peer(&self, name: &str, f: impl FnOnce(&mut PeerCounters)) {
+        f(self.peers.lock().entry(name.to_string()).or_default());
+    }
+
     pub fn fill(&self, s: &mut StatsSnapshot) {
         let g = |c: &AtomicU64| c.load(Relaxed);
         s.bytes_served = g(&self.bytes_served);
@@ -80,6 +99,8 @@ impl Stats {
         s.reads = g(&self.reads);
         s.opens = g(&self.opens);
         s.passthrough_opens = g(&self.passthrough_opens);
+        s.chunks_served_to_peers = g(&self.chunks_served_to_peers);
+        s.peers = self.peers.lock().clone();
         let (hits, misses) = (g(&self.cache_hits), g(&self.cache_misses));
         s.hit_ratio = if hits + misses == 0 {
             0.0

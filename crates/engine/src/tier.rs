@@ -17,7 +17,13 @@ pub trait Tier: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// The counter that this tier's bytes are added to.
     fn counter<'a>(&self, stats: &'a Stats) -> &'a AtomicU64;
-    async fn fetch(&self, file: &FileVersion, range: Range<u64>) -> Result<Bytes>;
+    /// Peers of the group are skipped when serving a peer's request, so a
+    /// request never travels from peer to peer.
+    fn is_peer(&self) -> bool {
+        false
+    }
+    /// Bytes `range` (chunk `index`) of `file`.
+    async fn fetch(&self, file: &FileVersion, index: u64, range: Range<u64>) -> Result<Bytes>;
 }
 
 /// The source itself: the last tier, that always answers.
@@ -33,7 +39,7 @@ impl Tier for OriginTier {
         &stats.bytes_from_source
     }
 
-    async fn fetch(&self, file: &FileVersion, range: Range<u64>) -> Result<Bytes> {
+    async fn fetch(&self, file: &FileVersion, _index: u64, range: Range<u64>) -> Result<Bytes> {
         self.0.read(file, range).await
     }
 }

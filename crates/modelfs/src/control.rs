@@ -68,6 +68,15 @@ pub fn stat(mp: &Path, json: bool) -> Result<()> {
         "passthrough     {} ({} opens of {})",
         s.passthrough, s.passthrough_opens, s.opens
     );
+    println!("served to peers {} chunks", s.chunks_served_to_peers);
+    for (peer, c) in &s.peers {
+        println!(
+            "  peer {peer:<24} {} received, {} errors, {} failed their crc",
+            b(c.bytes),
+            c.errors,
+            c.crc_failures
+        );
+    }
     println!("daemon pid      {}", s.pid);
     Ok(())
 }

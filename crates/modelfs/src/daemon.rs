@@ -20,6 +20,7 @@ use modelfs_engine::{Engine, EngineConfig, Error};
 use tracing::{info, warn};
 
 use crate::fuse::ModelFs;
+use crate::group::{Group, GroupArgs};
 use crate::mountpoint;
 use crate::source_args::{secs, SourceArgs};
 
@@ -60,6 +61,8 @@ pub struct MountArgs {
     pub log_file: Option<PathBuf>,
     #[command(flatten)]
     pub store: SourceArgs,
+    #[command(flatten)]
+    pub group: GroupArgs,
 }
 
 fn name_hash(s: &str) -> String {
@@ -190,6 +193,7 @@ fn start(args: &MountArgs) -> Result<Mounted> {
             opts.request_timeout * 2
         ),
     }
+    let mut group = rt.block_on(Group::start(&args.group, source.id(), args.chunk_size.0))?;
     let cache_dir = args
         .cache_dir
         .clone()
@@ -203,8 +207,9 @@ fn start(args: &MountArgs) -> Result<Mounted> {
             prefetch_concurrency: args.prefetch_concurrency,
             listing_ttl: secs(args.listing_ttl, "--listing-ttl")?,
         },
-        vec![],
+        |stats| group.tiers(stats),
     )?;
+    group.serve(&engine, rt.handle())?;
     let fs = ModelFs::new(engine, rt.handle().clone(), SystemTime::now());
     let mut config = Config::default();
     config.mount_options = vec![

@@ -2,11 +2,14 @@ mod control;
 mod daemon;
 mod demo;
 mod fuse;
+mod group;
 mod inodes;
 mod mountpoint;
 mod push;
+mod serve;
 mod source_args;
 mod synth;
+mod warm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +32,10 @@ enum Cmd {
     Mount(daemon::MountArgs),
     /// Upload a model directory to object storage (parallel multipart, verified)
     Push(push::PushArgs),
+    /// Run a warm-up service: preload models into memory and serve them to the group
+    Serve(serve::ServeArgs),
+    /// Fill this node's cache with everything under PATH, with a progress bar
+    Warm(warm::WarmArgs),
     /// Unmount a modelfs mount, even with files open on it
     Unmount { mountpoint: PathBuf },
     /// Counters of a mount: bytes by tier, cache use, passthrough
@@ -69,6 +76,8 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Mount(args) => daemon::mount(args),
         Cmd::Push(args) => push::run(args),
+        Cmd::Serve(args) => serve::run(args),
+        Cmd::Warm(args) => warm::run(args),
         Cmd::Unmount { mountpoint } => control::unmount(&mountpoint),
         Cmd::Stat { mountpoint, json } => control::stat(&mountpoint, json),
         Cmd::Demo { size, files } => demo::run(size, files),

@@ -274,6 +274,12 @@ impl ChunkStore {
         Some((cf, present))
     }
 
+    /// The cache file for one version of a source file, if there is one.
+    pub fn lookup(&self, f: &FileVersion) -> Option<Arc<CacheFile>> {
+        let key = key_of(&self.cfg.source_id, self.cfg.chunk_size, f);
+        self.inner.lock().files.get(&key).map(|e| e.cf.clone())
+    }
+
     /// The cache file for one version of a source file, made if new.
     pub fn file(&self, f: &FileVersion) -> Result<Arc<CacheFile>> {
         let key = key_of(&self.cfg.source_id, self.cfg.chunk_size, f);

@@ -1,0 +1,81 @@
+//! Chunk GETs to a peer or the warm-up service, each checked against the
+//! crc32c the server sends.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::CRC_HEADER;
+use crate::{Error, FileVersion, Result};
+
+#[derive(Clone)]
+pub struct PeerClient {
+    http: reqwest::Client,
+    token: String,
+}
+
+impl PeerClient {
+    pub fn new(token: String, timeout: Duration) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .pool_max_idle_per_host(32)
+            .build()
+            .map_err(|e| Error::Config(format!("peer client: {e}")))?;
+        Ok(PeerClient { http, token })
+    }
+
+    /// Chunk `index` of `file` from the server at `base` (http://host:port).
+    /// `object` names the file for every node alike: its source URL and path.
+    pub async fn chunk(
+        &self,
+        base: &str,
+        object: &str,
+        file: &FileVersion,
+        chunk_size: u64,
+        index: u64,
+        want: u64,
+        cached_only: bool,
+    ) -> Result<Bytes> {
+        let fail = |msg: String| Error::Unavailable(format!("{base}: {msg}"));
+        let size = file.size.to_string();
+        let idx = index.to_string();
+        let cs = chunk_size.to_string();
+        let resp = self
+            .http
+            .get(format!("{base}/v1/chunk"))
+            .query(&[
+                ("object", object),
+                ("version", file.version.as_str()),
+                ("size", size.as_str()),
+                ("chunk_size", cs.as_str()),
+                ("index", idx.as_str()),
+                ("cached_only", if cached_only { "1" } else { "0" }),
+            ])
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            // A miss, not a failure: the peer is fine.
+            return Err(Error::NotFound(format!("{base}: {}", file.path)));
+        }
+        if !resp.status().is_success() {
+            return Err(fail(format!("status {}", resp.status())));
+        }
+        let crc = resp
+            .headers()
+            .get(CRC_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| u32::from_str_radix(v, 16).ok())
+            .ok_or_else(|| fail("no crc32c header".into()))?;
+        let body = resp.bytes().await.map_err(|e| fail(e.to_string()))?;
+        if body.len() as u64 != want || crc32c::crc32c(&body) != crc {
+            return Err(Error::Corrupt {
+                path: format!("{} (from {base})", file.path),
+                index,
+            });
+        }
+        Ok(body)
+    }
+}

@@ -1,0 +1,128 @@
+//! The chunk server every mount with `--listen` runs, and the warm-up
+//! service is. It serves only chunks of files its own source lists at the
+//! version asked for, so a request can neither read outside the cache nor
+//! make the node cache anything but the source's current files.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use tracing::debug;
+
+use super::CRC_HEADER;
+use crate::stats::add;
+use crate::{Engine, Error, FileVersion};
+
+struct Server {
+    engine: Arc<Engine>,
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct ChunkQuery {
+    object: String,
+    version: String,
+    size: u64,
+    chunk_size: u64,
+    index: u64,
+    #[serde(default)]
+    cached_only: u8,
+}
+
+/// Serves the peer protocol on `listener` until the runtime stops.
+pub async fn serve(
+    engine: Arc<Engine>,
+    listener: tokio::net::TcpListener,
+    token: String,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/v1/chunk", get(chunk))
+        .route("/v1/health", get(health))
+        .with_state(Arc::new(Server { engine, token }));
+    axum::serve(listener, app).await
+}
+
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t.as_bytes().ct_eq(token.as_bytes()).into())
+}
+
+fn refuse(code: StatusCode, why: &str) -> Response {
+    (code, format!("{why}\n")).into_response()
+}
+
+async fn health(State(s): State<Arc<Server>>, headers: HeaderMap) -> Response {
+    if !authorized(&headers, &s.token) {
+        return refuse(StatusCode::UNAUTHORIZED, "missing or wrong group token");
+    }
+    "ok\n".into_response()
+}
+
+async fn chunk(
+    State(s): State<Arc<Server>>,
+    headers: HeaderMap,
+    q: Result<Query<ChunkQuery>, QueryRejection>,
+) -> Response {
+    if !authorized(&headers, &s.token) {
+        return refuse(StatusCode::UNAUTHORIZED, "missing or wrong group token");
+    }
+    let Ok(Query(q)) = q else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "want object, version, size, chunk_size, index",
+        );
+    };
+    let engine = &s.engine;
+    if q.chunk_size != engine.config().chunk_size {
+        return refuse(StatusCode::CONFLICT, "chunk size differs from this node's");
+    }
+    let root = format!("{}/", engine.source().id().trim_end_matches('/'));
+    let Some(path) = q.object.strip_prefix(&root) else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "object is not under this node's source",
+        );
+    };
+    if path.is_empty()
+        || path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return refuse(StatusCode::BAD_REQUEST, "bad object path");
+    }
+    match engine.namespace().lookup(path).await {
+        Ok(m) if !m.is_dir && m.version == q.version && m.size == q.size => {}
+        _ => return refuse(StatusCode::NOT_FOUND, "no such object at that version"),
+    }
+    let file = FileVersion {
+        path: path.to_string(),
+        version: q.version,
+        size: q.size,
+    };
+    let served = if q.cached_only == 1 {
+        engine.cached_chunk(&file, q.index)
+    } else {
+        engine.serve_chunk(&file, q.index).await
+    };
+    match served {
+        Ok(b) => {
+            add(&engine.stats().chunks_served_to_peers, 1);
+            let crc = format!("{:08x}", crc32c::crc32c(&b));
+            (StatusCode::OK, [(CRC_HEADER, crc)], b).into_response()
+        }
+        Err(Error::NotFound(_)) => refuse(StatusCode::NOT_FOUND, "not cached here"),
+        Err(e) => {
+            debug!("peer request for {} chunk {}: {e}", file.path, q.index);
+            refuse(StatusCode::BAD_GATEWAY, &e.to_string())
+        }
+    }
+}

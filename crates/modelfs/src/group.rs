@@ -1,0 +1,133 @@
+//! Flags and wiring of the peer group and the warm-up service, shared by
+//! `mount` and `serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use modelfs_engine::peer::{self, Membership, PeerClient, PeerSpec, PeerTier, WarmupTier};
+use modelfs_engine::stats::Stats;
+use modelfs_engine::tier::Tier;
+use modelfs_engine::Engine;
+use tracing::{error, info};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GroupArgs {
+    /// The service's instances: host:port,host:port or dns:NAME:PORT (re-resolved every 5 s)
+    #[arg(long)]
+    pub peers: Option<PeerSpec>,
+    /// Serve this node's chunks to the group on ADDR:PORT
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// A warm-up service (modelfs serve) to ask before the origin: http://host:port
+    #[arg(long)]
+    pub warmup_service: Option<String>,
+    /// File holding the group's shared token (required with the options above)
+    #[arg(long)]
+    pub peer_token_file: Option<PathBuf>,
+    /// Seconds before a peer or the warm-up service is given up on for one chunk
+    #[arg(long, default_value_t = 5.0)]
+    pub peer_timeout: f64,
+}
+
+pub struct Group {
+    membership: Option<Arc<Membership>>,
+    client: Option<PeerClient>,
+    listener: Option<std::net::TcpListener>,
+    token: String,
+    warmup: Option<String>,
+    source: String,
+    chunk_size: u64,
+}
+
+impl Group {
+    /// Checks the flags, resolves the peers and takes the listening port, all
+    /// before anything is mounted.
+    pub async fn start(a: &GroupArgs, source: &str, chunk_size: u64) -> Result<Group> {
+        let wanted = a.peers.is_some() || a.listen.is_some() || a.warmup_service.is_some();
+        let token = match (&a.peer_token_file, wanted) {
+            (Some(f), _) => peer::read_token(f)?,
+            (None, true) => bail!("--peers, --listen and --warmup-service need --peer-token-file: every peer request carries the group's token"),
+            (None, false) => String::new(),
+        };
+        let listener = match a.listen {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("--listen {addr}"))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let membership = match &a.peers {
+            Some(spec) => Some(Membership::start(spec.clone(), a.listen).await?),
+            None => None,
+        };
+        let client = wanted
+            .then(|| PeerClient::new(token.clone(), Duration::from_secs_f64(a.peer_timeout)))
+            .transpose()?;
+        if let Some(w) = &a.warmup_service {
+            if !w.starts_with("http://") {
+                bail!("--warmup-service {w}: write it as http://host:port");
+            }
+        }
+        Ok(Group {
+            membership,
+            client,
+            listener,
+            token,
+            warmup: a
+                .warmup_service
+                .clone()
+                .map(|w| w.trim_end_matches('/').to_string()),
+            source: source.to_string(),
+            chunk_size,
+        })
+    }
+
+    /// Owner peer, then the warm-up service, in front of the origin.
+    pub fn tiers(&self, stats: &Arc<Stats>) -> Vec<Arc<dyn Tier>> {
+        let mut t: Vec<Arc<dyn Tier>> = vec![];
+        let Some(client) = &self.client else { return t };
+        if let Some(m) = &self.membership {
+            t.push(Arc::new(PeerTier {
+                membership: m.clone(),
+                client: client.clone(),
+                source: self.source.clone(),
+                chunk_size: self.chunk_size,
+                stats: stats.clone(),
+            }));
+        }
+        if let Some(base) = &self.warmup {
+            t.push(Arc::new(WarmupTier {
+                base: base.clone(),
+                client: client.clone(),
+                source: self.source.clone(),
+                chunk_size: self.chunk_size,
+                stats: stats.clone(),
+                backoff_until: Default::default(),
+            }));
+        }
+        t
+    }
+
+    /// Starts the chunk server, if this node listens.
+    pub fn serve(&mut self, engine: &Arc<Engine>, rt: &tokio::runtime::Handle) -> Result<()> {
+        let Some(l) = self.listener.take() else {
+            return Ok(());
+        };
+        let addr = l.local_addr()?;
+        let _guard = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(l)?;
+        let (engine, token) = (engine.clone(), self.token.clone());
+        rt.spawn(async move {
+            if let Err(e) = peer::serve(engine, listener, token).await {
+                error!("peer server on {addr} stopped: {e}");
+            }
+        });
+        info!(%addr, "serving chunks to the group");
+        Ok(())
+    }
+}

@@ -1,0 +1,119 @@
+//! `modelfs serve`: the warm-up service. No mount: an engine with a big cache,
+//! preloaded with whole models, serving chunks to every instance of a service
+//! through the peer protocol before and while they start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use modelfs_engine::size::ByteSize;
+use modelfs_engine::source::open_source;
+use modelfs_engine::{Engine, EngineConfig, FileVersion};
+use tracing::info;
+
+use crate::group::{Group, GroupArgs};
+use crate::source_args::{secs, SourceArgs};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// What to serve: s3://bucket, s3://bucket/prefix, oss://, gs://, azblob://, a directory
+    pub source: String,
+    /// Address the instances reach this service on
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Models to load into memory at start (prefixes under SOURCE); repeatable
+    #[arg(long)]
+    pub preload: Vec<String>,
+    #[arg(long, default_value = "20GiB")]
+    pub cache_size: ByteSize,
+    /// Default: /dev/shm/modelfs-serve/<source hash>
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Must match the instances' --chunk-size
+    #[arg(long, default_value = "8MiB")]
+    pub chunk_size: ByteSize,
+    /// Chunks fetched at once while preloading
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 60.0)]
+    pub listing_ttl: f64,
+    #[arg(long)]
+    pub peer_token_file: PathBuf,
+    #[command(flatten)]
+    pub store: SourceArgs,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let source = open_source(&a.source, &a.store.options()?)?;
+    if let Err(e) = rt.block_on(source.list("")) {
+        bail!("source {}: {e}", a.source);
+    }
+    let group_args = GroupArgs {
+        peers: None,
+        listen: Some(a.listen),
+        warmup_service: None,
+        peer_token_file: Some(a.peer_token_file.clone()),
+        peer_timeout: 5.0,
+    };
+    let mut group = rt.block_on(Group::start(&group_args, source.id(), a.chunk_size.0))?;
+    let cache_dir = a.cache_dir.clone().unwrap_or_else(|| {
+        PathBuf::from("/dev/shm/modelfs-serve").join(format!(
+            "{:016x}",
+            xxhash_rust::xxh3::xxh3_64(source.id().as_bytes())
+        ))
+    });
+    let engine = Engine::new(
+        source,
+        EngineConfig {
+            chunk_size: a.chunk_size.0,
+            cache_dir,
+            cache_capacity: a.cache_size.0,
+            prefetch_concurrency: 0,
+            listing_ttl: secs(a.listing_ttl, "--listing-ttl")?,
+        },
+        |_| vec![],
+    )?;
+    group.serve(&engine, rt.handle())?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    for prefix in &a.preload {
+        let t = Instant::now();
+        let files = rt.block_on(engine.namespace().walk(prefix))?;
+        let total: u64 = files.iter().map(|f| f.1.size).sum();
+        let done = AtomicU64::new(0);
+        for (path, meta) in &files {
+            let file = FileVersion {
+                path: path.clone(),
+                version: meta.version.clone(),
+                size: meta.size,
+            };
+            rt.block_on(engine.warm_file(&file, a.concurrency, &|n| {
+                done.fetch_add(n, Ordering::Relaxed);
+            }))?;
+        }
+        info!(
+            prefix,
+            files = files.len(),
+            bytes = %ByteSize(total),
+            secs = t.elapsed().as_secs_f64(),
+            "preloaded"
+        );
+        println!(
+            "modelfs serve: preloaded {prefix}: {} files, {}",
+            files.len(),
+            ByteSize(total)
+        );
+    }
+    println!("modelfs serve: serving {} on {}", a.source, a.listen);
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
