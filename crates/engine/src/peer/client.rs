@@ -8,6 +8,19 @@ use bytes::Bytes;
 use super::CRC_HEADER;
 use crate::{Error, FileVersion, Result};
 
+/// What to ask a peer for.
+pub struct ChunkRequest<'a> {
+    /// The file's name on every node alike: its source URL and path.
+    pub object: &'a str,
+    pub file: &'a FileVersion,
+    pub chunk_size: u64,
+    pub index: u64,
+    /// The chunk's length, which the answer must have.
+    pub len: u64,
+    /// Answer from the cache or not at all; never fetch.
+    pub cached_only: bool,
+}
+
 #[derive(Clone)]
 pub struct PeerClient {
     http: reqwest::Client,
@@ -25,32 +38,24 @@ impl PeerClient {
         Ok(PeerClient { http, token })
     }
 
-    /// Chunk `index` of `file` from the server at `base` (http://host:port).
-    /// `object` names the file for every node alike: its source URL and path.
-    pub async fn chunk(
-        &self,
-        base: &str,
-        object: &str,
-        file: &FileVersion,
-        chunk_size: u64,
-        index: u64,
-        want: u64,
-        cached_only: bool,
-    ) -> Result<Bytes> {
+    /// One chunk from the server at `base` (http://host:port).
+    pub async fn chunk(&self, base: &str, req: &ChunkRequest<'_>) -> Result<Bytes> {
         let fail = |msg: String| Error::Unavailable(format!("{base}: {msg}"));
+        let file = req.file;
+        let index = req.index;
         let size = file.size.to_string();
         let idx = index.to_string();
-        let cs = chunk_size.to_string();
+        let cs = req.chunk_size.to_string();
         let resp = self
             .http
             .get(format!("{base}/v1/chunk"))
             .query(&[
-                ("object", object),
+                ("object", req.object),
                 ("version", file.version.as_str()),
                 ("size", size.as_str()),
                 ("chunk_size", cs.as_str()),
                 ("index", idx.as_str()),
-                ("cached_only", if cached_only { "1" } else { "0" }),
+                ("cached_only", if req.cached_only { "1" } else { "0" }),
             ])
             .bearer_auth(&self.token)
             .send()
@@ -70,7 +75,7 @@ impl PeerClient {
             .and_then(|v| u32::from_str_radix(v, 16).ok())
             .ok_or_else(|| fail("no crc32c header".into()))?;
         let body = resp.bytes().await.map_err(|e| fail(e.to_string()))?;
-        if body.len() as u64 != want || crc32c::crc32c(&body) != crc {
+        if body.len() as u64 != req.len || crc32c::crc32c(&body) != crc {
             return Err(Error::Corrupt {
                 path: format!("{} (from {base})", file.path),
                 index,

@@ -14,7 +14,7 @@ mod rendezvous;
 mod server;
 mod tiers;
 
-pub use client::PeerClient;
+pub use client::{ChunkRequest, PeerClient};
 pub use membership::{Membership, PeerSpec};
 pub use rendezvous::{owner, ranked};
 pub use server::serve;

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::{ranked, Membership, PeerClient};
+use super::{ranked, ChunkRequest, Membership, PeerClient};
 use crate::stats::{add, Stats};
 use crate::tier::Tier;
 use crate::{Error, FileVersion, Result};
@@ -77,19 +77,15 @@ impl Tier for PeerTier {
         };
         let name = peer.to_string();
         let object = object(&self.source, file);
-        let want = range.end - range.start;
-        let r = self
-            .client
-            .chunk(
-                &format!("http://{peer}"),
-                &object,
-                file,
-                self.chunk_size,
-                index,
-                want,
-                cached_only,
-            )
-            .await;
+        let req = ChunkRequest {
+            object: &object,
+            file,
+            chunk_size: self.chunk_size,
+            index,
+            len: range.end - range.start,
+            cached_only,
+        };
+        let r = self.client.chunk(&format!("http://{peer}"), &req).await;
         record(&self.stats, &name, &r);
         if matches!(&r, Err(e) if !matches!(e, Error::NotFound(_))) {
             self.membership.back_off(peer);
@@ -126,19 +122,16 @@ impl Tier for WarmupTier {
         {
             return Err(Error::Unavailable("warm-up service backed off".into()));
         }
-        let want = range.end - range.start;
-        let r = self
-            .client
-            .chunk(
-                &self.base,
-                &object(&self.source, file),
-                file,
-                self.chunk_size,
-                index,
-                want,
-                false,
-            )
-            .await;
+        let object = object(&self.source, file);
+        let req = ChunkRequest {
+            object: &object,
+            file,
+            chunk_size: self.chunk_size,
+            index,
+            len: range.end - range.start,
+            cached_only: false,
+        };
+        let r = self.client.chunk(&self.base, &req).await;
         record(&self.stats, &self.base, &r);
         // A miss at the warm-up service (it serves other models) is no failure.
         if matches!(&r, Err(e) if !matches!(e, Error::NotFound(_))) {
