@@ -4,6 +4,7 @@
 #   garage.sh init DIR     once the server runs: layout, bucket "models", a key
 #   garage.sh start DIR    config, server in the background (pid in DIR/pid), init
 #   garage.sh stop DIR     stop a server started with start
+# GARAGE_BIND (default 127.0.0.1) is the address the S3 API listens on.
 # config, init and start print KEY=VALUE lines: S3_ENDPOINT, AWS_ACCESS_KEY_ID,
 # AWS_SECRET_ACCESS_KEY, AWS_REGION, BUCKET.
 set -euo pipefail
@@ -34,7 +35,7 @@ rpc_secret = "$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
 
 [s3_api]
 s3_region = "garage"
-api_bind_addr = "127.0.0.1:$(free_port)"
+api_bind_addr = "${GARAGE_BIND:-127.0.0.1}:$(free_port)"
 root_domain = ".s3.garage.localhost"
 
 [admin]
