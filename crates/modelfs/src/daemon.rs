@@ -193,7 +193,12 @@ fn start(args: &MountArgs) -> Result<Mounted> {
             opts.request_timeout * 2
         ),
     }
-    let mut group = rt.block_on(Group::start(&args.group, source.id(), args.chunk_size.0))?;
+    let mut group = rt.block_on(Group::start(
+        &args.group,
+        source.id(),
+        args.chunk_size.0,
+        args.store.budget(),
+    ))?;
     let cache_dir = args
         .cache_dir
         .clone()

@@ -13,6 +13,8 @@ use modelfs_engine::tier::Tier;
 use modelfs_engine::Engine;
 use tracing::{error, info};
 
+use crate::source_args::secs;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct GroupArgs {
     /// The service's instances: host:port,host:port or dns:NAME:PORT (re-resolved every 5 s)
@@ -27,7 +29,8 @@ pub struct GroupArgs {
     /// File holding the group's shared token (required with the options above)
     #[arg(long)]
     pub peer_token_file: Option<PathBuf>,
-    /// Seconds before a peer or the warm-up service is given up on for one chunk
+    /// Seconds to connect to a peer or get a chunk from its cache; a peer that
+    /// fetches the chunk for the group also gets the origin's own time budget
     #[arg(long, default_value_t = 5.0)]
     pub peer_timeout: f64,
 }
@@ -45,7 +48,14 @@ pub struct Group {
 impl Group {
     /// Checks the flags, resolves the peers and takes the listening port, all
     /// before anything is mounted.
-    pub async fn start(a: &GroupArgs, source: &str, chunk_size: u64) -> Result<Group> {
+    /// `origin_budget` is how long the origin may take for one chunk,
+    /// retries included.
+    pub async fn start(
+        a: &GroupArgs,
+        source: &str,
+        chunk_size: u64,
+        origin_budget: Duration,
+    ) -> Result<Group> {
         let wanted = a.peers.is_some() || a.listen.is_some() || a.warmup_service.is_some();
         let token = match (&a.peer_token_file, wanted) {
             (Some(f), _) => peer::read_token(f)?,
@@ -65,8 +75,9 @@ impl Group {
             Some(spec) => Some(Membership::start(spec.clone(), a.listen).await?),
             None => None,
         };
+        let timeout = secs(a.peer_timeout, "--peer-timeout")?;
         let client = wanted
-            .then(|| PeerClient::new(token.clone(), Duration::from_secs_f64(a.peer_timeout)))
+            .then(|| PeerClient::new(token.clone(), timeout, origin_budget))
             .transpose()?;
         if let Some(w) = &a.warmup_service {
             if !w.starts_with("http://") {

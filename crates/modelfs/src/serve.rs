@@ -59,7 +59,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         peer_token_file: Some(a.peer_token_file.clone()),
         peer_timeout: 5.0,
     };
-    let mut group = rt.block_on(Group::start(&group_args, source.id(), a.chunk_size.0))?;
+    let mut group = rt.block_on(Group::start(
+        &group_args,
+        source.id(),
+        a.chunk_size.0,
+        a.store.budget(),
+    ))?;
     let cache_dir = a.cache_dir.clone().unwrap_or_else(|| {
         PathBuf::from("/dev/shm/modelfs-serve").join(format!(
             "{:016x}",

@@ -25,17 +25,27 @@ pub struct ChunkRequest<'a> {
 pub struct PeerClient {
     http: reqwest::Client,
     token: String,
+    cached_timeout: Duration,
+    fetch_timeout: Duration,
 }
 
 impl PeerClient {
-    pub fn new(token: String, timeout: Duration) -> Result<Self> {
+    /// `timeout` bounds connecting and an answer from a peer's cache; a peer
+    /// asked to fetch for the group may first wait on the origin, so it gets
+    /// `origin_budget` more: giving up on it sooner would only send this node
+    /// to the same busy origin.
+    pub fn new(token: String, timeout: Duration, origin_budget: Duration) -> Result<Self> {
         let http = reqwest::Client::builder()
-            .timeout(timeout)
             .connect_timeout(timeout)
             .pool_max_idle_per_host(32)
             .build()
             .map_err(|e| Error::Config(format!("peer client: {e}")))?;
-        Ok(PeerClient { http, token })
+        Ok(PeerClient {
+            http,
+            token,
+            cached_timeout: timeout,
+            fetch_timeout: timeout + origin_budget,
+        })
     }
 
     /// One chunk from the server at `base` (http://host:port).
@@ -58,6 +68,11 @@ impl PeerClient {
                 ("cached_only", if req.cached_only { "1" } else { "0" }),
             ])
             .bearer_auth(&self.token)
+            .timeout(if req.cached_only {
+                self.cached_timeout
+            } else {
+                self.fetch_timeout
+            })
             .send()
             .await
             .map_err(|e| fail(e.to_string()))?;
