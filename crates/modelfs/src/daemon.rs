@@ -16,13 +16,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use fuser::{Config, MountOption, Session, SessionACL};
 use modelfs_engine::size::ByteSize;
 use modelfs_engine::source::open_source;
-use modelfs_engine::{Engine, EngineConfig, Error};
+use modelfs_engine::{Engine, Error};
 use tracing::{info, warn};
 
+use crate::args::{CacheArgs, SourceArgs};
 use crate::fuse::ModelFs;
 use crate::group::{Group, GroupArgs};
 use crate::mountpoint;
-use crate::source_args::{secs, SourceArgs};
 
 const READY_FD: &str = "MODELFS_READY_FD";
 
@@ -32,21 +32,11 @@ pub struct MountArgs {
     pub source: String,
     /// An empty directory to mount on
     pub mountpoint: PathBuf,
-    /// Cache capacity (20GiB, 512MiB; G means GiB)
-    #[arg(long, default_value = "20GiB")]
-    pub cache_size: ByteSize,
-    /// Where cached chunks live; the default is in /dev/shm (memory)
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
-    /// Unit of caching and of source reads
-    #[arg(long, default_value = "8MiB")]
-    pub chunk_size: ByteSize,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Chunks prefetched at once across the mount (0 turns prefetch off)
     #[arg(long, default_value_t = 16)]
     pub prefetch_concurrency: usize,
-    /// How long a directory listing is trusted, in seconds
-    #[arg(long, default_value_t = 60.0)]
-    pub listing_ttl: f64,
     /// FUSE worker threads
     #[arg(long, default_value_t = 8)]
     pub threads: usize,
@@ -159,12 +149,12 @@ struct Mounted {
 
 fn start(args: &MountArgs) -> Result<Mounted> {
     let mp = mountpoint::check(&args.mountpoint)?;
-    let min = args.chunk_size.0 * args.threads.max(1) as u64;
-    if args.cache_size.0 < min {
+    let min = args.cache.chunk_size.0 * args.threads.max(1) as u64;
+    if args.cache.cache_size.0 < min {
         bail!(
             "--cache-size {} is below one chunk ({}) per FUSE thread ({}); use at least {}",
-            args.cache_size,
-            args.chunk_size,
+            args.cache.cache_size,
+            args.cache.chunk_size,
             args.threads,
             ByteSize(min)
         );
@@ -196,22 +186,13 @@ fn start(args: &MountArgs) -> Result<Mounted> {
     let mut group = rt.block_on(Group::start(
         &args.group,
         source.id(),
-        args.chunk_size.0,
+        args.cache.chunk_size.0,
         args.store.budget(),
     ))?;
-    let cache_dir = args
-        .cache_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/dev/shm/modelfs").join(name_hash(source.id())));
     let engine = Engine::new(
         source.clone(),
-        EngineConfig {
-            chunk_size: args.chunk_size.0,
-            cache_dir,
-            cache_capacity: args.cache_size.0,
-            prefetch_concurrency: args.prefetch_concurrency,
-            listing_ttl: secs(args.listing_ttl, "--listing-ttl")?,
-        },
+        args.cache
+            .engine_config(source.id(), args.prefetch_concurrency)?,
         |stats| group.tiers(stats),
     )?;
     group.serve(&engine, rt.handle())?;

@@ -7,13 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use modelfs_engine::peer::{self, Membership, PeerClient, PeerSpec, PeerTier, WarmupTier};
+use modelfs_engine::peer::{
+    self, ChunkAsker, Membership, PeerClient, PeerSpec, PeerTier, WarmupTier,
+};
 use modelfs_engine::stats::Stats;
 use modelfs_engine::tier::Tier;
 use modelfs_engine::Engine;
 use tracing::{error, info};
 
-use crate::source_args::secs;
+use crate::args::secs;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GroupArgs {
@@ -102,22 +104,22 @@ impl Group {
     pub fn tiers(&self, stats: &Arc<Stats>) -> Vec<Arc<dyn Tier>> {
         let mut t: Vec<Arc<dyn Tier>> = vec![];
         let Some(client) = &self.client else { return t };
+        let asker = || ChunkAsker {
+            client: client.clone(),
+            source: self.source.clone(),
+            chunk_size: self.chunk_size,
+            stats: stats.clone(),
+        };
         if let Some(m) = &self.membership {
             t.push(Arc::new(PeerTier {
                 membership: m.clone(),
-                client: client.clone(),
-                source: self.source.clone(),
-                chunk_size: self.chunk_size,
-                stats: stats.clone(),
+                asker: asker(),
             }));
         }
         if let Some(base) = &self.warmup {
             t.push(Arc::new(WarmupTier {
                 base: base.clone(),
-                client: client.clone(),
-                source: self.source.clone(),
-                chunk_size: self.chunk_size,
-                stats: stats.clone(),
+                asker: asker(),
                 backoff_until: Default::default(),
             }));
         }

@@ -1,3 +1,4 @@
+mod args;
 mod control;
 mod daemon;
 mod demo;
@@ -7,7 +8,6 @@ mod inodes;
 mod mountpoint;
 mod push;
 mod serve;
-mod source_args;
 mod synth;
 mod warm;
 

@@ -4,11 +4,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use indicatif::{ProgressBar, ProgressStyle};
 use modelfs_engine::push::{push, PushOptions};
 use modelfs_engine::size::ByteSize;
 
-use crate::source_args::SourceArgs;
+use crate::args::{progress_bar, SourceArgs};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PushArgs {
@@ -40,13 +39,7 @@ pub fn run(args: PushArgs) -> Result<()> {
         read_back: !args.no_read_back,
     };
     let src = args.store.options()?;
-    let bar = ProgressBar::hidden();
-    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-    }
-    bar.set_style(ProgressStyle::with_template(
-        "{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-    )?);
+    let bar = progress_bar(0)?;
     let t = Instant::now();
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(push(

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use modelfs_engine::size::ByteSize;
 use modelfs_engine::source::open_source;
-use modelfs_engine::{Engine, EngineConfig, FileVersion};
+use modelfs_engine::{Engine, FileVersion};
 use tracing::info;
 
+use crate::args::{CacheArgs, SourceArgs};
 use crate::group::{Group, GroupArgs};
-use crate::source_args::{secs, SourceArgs};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -27,19 +27,11 @@ pub struct ServeArgs {
     /// Models to load into memory at start (prefixes under SOURCE); repeatable
     #[arg(long)]
     pub preload: Vec<String>,
-    #[arg(long, default_value = "20GiB")]
-    pub cache_size: ByteSize,
-    /// Default: /dev/shm/modelfs-serve/<source hash>
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
-    /// Must match the instances' --chunk-size
-    #[arg(long, default_value = "8MiB")]
-    pub chunk_size: ByteSize,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Chunks fetched at once while preloading
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
-    #[arg(long, default_value_t = 60.0)]
-    pub listing_ttl: f64,
     #[arg(long)]
     pub peer_token_file: PathBuf,
     #[command(flatten)]
@@ -62,26 +54,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let mut group = rt.block_on(Group::start(
         &group_args,
         source.id(),
-        a.chunk_size.0,
+        a.cache.chunk_size.0,
         a.store.budget(),
     ))?;
-    let cache_dir = a.cache_dir.clone().unwrap_or_else(|| {
-        PathBuf::from("/dev/shm/modelfs-serve").join(format!(
-            "{:016x}",
-            xxhash_rust::xxh3::xxh3_64(source.id().as_bytes())
-        ))
-    });
-    let engine = Engine::new(
-        source,
-        EngineConfig {
-            chunk_size: a.chunk_size.0,
-            cache_dir,
-            cache_capacity: a.cache_size.0,
-            prefetch_concurrency: 0,
-            listing_ttl: secs(a.listing_ttl, "--listing-ttl")?,
-        },
-        |_| vec![],
-    )?;
+    let cfg = a.cache.engine_config(source.id(), 0)?;
+    let engine = Engine::new(source, cfg, |_| vec![])?;
     group.serve(&engine, rt.handle())?;
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -10,9 +10,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use modelfs_engine::size::ByteSize;
 
+use crate::args::progress_bar;
 use crate::control::read_stats;
 use crate::mountpoint::mounted_at;
 
@@ -71,14 +71,7 @@ pub fn run(a: WarmArgs) -> Result<()> {
     files_under(&a.path, &mut files)?;
     let total: u64 = files.iter().map(|f| f.1).sum();
     let evicted_before = read_stats(&root)?.chunks_evicted;
-    let bar = ProgressBar::hidden();
-    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-    }
-    bar.set_style(ProgressStyle::with_template(
-        "{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-    )?);
-    bar.set_length(total);
+    let bar = progress_bar(total)?;
     let t = Instant::now();
     let queue = Mutex::new(files.iter());
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);

@@ -18,7 +18,7 @@ pub use client::{ChunkRequest, PeerClient};
 pub use membership::{Membership, PeerSpec};
 pub use rendezvous::{owner, ranked};
 pub use server::serve;
-pub use tiers::{PeerTier, WarmupTier};
+pub use tiers::{ChunkAsker, PeerTier, WarmupTier};
 
 pub const CRC_HEADER: &str = "x-modelfs-crc32c";
 

@@ -19,31 +19,58 @@ fn object(source: &str, file: &FileVersion) -> String {
     format!("{}/{}", source.trim_end_matches('/'), file.path)
 }
 
-fn record(stats: &Stats, name: &str, r: &Result<Bytes>) {
-    match r {
-        Ok(b) => stats.peer(name, |c| c.bytes += b.len() as u64),
-        Err(Error::Corrupt { .. }) => {
-            add(&stats.crc_failures, 1);
-            stats.peer(name, |c| c.crc_failures += 1);
-        }
-        Err(Error::NotFound(_)) => {}
-        Err(_) => stats.peer(name, |c| c.errors += 1),
-    }
-}
-
-/// Asks the chunk's owner among the live peers.
-pub struct PeerTier {
-    pub membership: Arc<Membership>,
+/// What both tiers share: how to ask one server for one chunk, and counting
+/// what each server gave.
+pub struct ChunkAsker {
     pub client: PeerClient,
     pub source: String,
     pub chunk_size: u64,
     pub stats: Arc<Stats>,
 }
 
-impl PeerTier {
-    fn key(&self, file: &FileVersion, index: u64) -> String {
-        format!("{}\0{}\0{index}", object(&self.source, file), file.version)
+impl ChunkAsker {
+    /// Chunk `index` of `file` from the server at `base`, counted under `name`.
+    async fn ask(
+        &self,
+        base: &str,
+        name: &str,
+        file: &FileVersion,
+        index: u64,
+        range: Range<u64>,
+        cached_only: bool,
+    ) -> Result<Bytes> {
+        let object = object(&self.source, file);
+        let req = ChunkRequest {
+            object: &object,
+            file,
+            chunk_size: self.chunk_size,
+            index,
+            len: range.end - range.start,
+            cached_only,
+        };
+        let r = self.client.chunk(base, &req).await;
+        match &r {
+            Ok(b) => self.stats.peer(name, |c| c.bytes += b.len() as u64),
+            Err(Error::Corrupt { .. }) => {
+                add(&self.stats.crc_failures, 1);
+                self.stats.peer(name, |c| c.crc_failures += 1);
+            }
+            Err(Error::NotFound(_)) => {}
+            Err(_) => self.stats.peer(name, |c| c.errors += 1),
+        }
+        r
     }
+}
+
+/// Any error but a plain miss: the server is backed off for a while.
+fn failed(r: &Result<Bytes>) -> bool {
+    matches!(r, Err(e) if !matches!(e, Error::NotFound(_)))
+}
+
+/// Asks the chunk's owner among the live peers.
+pub struct PeerTier {
+    pub membership: Arc<Membership>,
+    pub asker: ChunkAsker,
 }
 
 #[async_trait]
@@ -61,7 +88,12 @@ impl Tier for PeerTier {
     }
 
     async fn fetch(&self, file: &FileVersion, index: u64, range: Range<u64>) -> Result<Bytes> {
-        let ranked = ranked(self.key(file, index).as_bytes(), &self.membership.live());
+        let key = format!(
+            "{}\0{}\0{index}",
+            object(&self.asker.source, file),
+            file.version
+        );
+        let ranked = ranked(key.as_bytes(), &self.membership.live());
         let Some(&owner) = ranked.first() else {
             return Err(Error::Unavailable("no live peers".into()));
         };
@@ -76,18 +108,12 @@ impl Tier for PeerTier {
             return Err(Error::Unavailable("this node owns the chunk".into()));
         };
         let name = peer.to_string();
-        let object = object(&self.source, file);
-        let req = ChunkRequest {
-            object: &object,
-            file,
-            chunk_size: self.chunk_size,
-            index,
-            len: range.end - range.start,
-            cached_only,
-        };
-        let r = self.client.chunk(&format!("http://{peer}"), &req).await;
-        record(&self.stats, &name, &r);
-        if matches!(&r, Err(e) if !matches!(e, Error::NotFound(_))) {
+        let base = format!("http://{name}");
+        let r = self
+            .asker
+            .ask(&base, &name, file, index, range, cached_only)
+            .await;
+        if failed(&r) {
             self.membership.back_off(peer);
         }
         r
@@ -97,10 +123,7 @@ impl Tier for PeerTier {
 /// A warm-up service that holds models in memory before instances start.
 pub struct WarmupTier {
     pub base: String,
-    pub client: PeerClient,
-    pub source: String,
-    pub chunk_size: u64,
-    pub stats: Arc<Stats>,
+    pub asker: ChunkAsker,
     pub backoff_until: Mutex<Option<Instant>>,
 }
 
@@ -122,19 +145,12 @@ impl Tier for WarmupTier {
         {
             return Err(Error::Unavailable("warm-up service backed off".into()));
         }
-        let object = object(&self.source, file);
-        let req = ChunkRequest {
-            object: &object,
-            file,
-            chunk_size: self.chunk_size,
-            index,
-            len: range.end - range.start,
-            cached_only: false,
-        };
-        let r = self.client.chunk(&self.base, &req).await;
-        record(&self.stats, &self.base, &r);
+        let r = self
+            .asker
+            .ask(&self.base, &self.base, file, index, range, false)
+            .await;
         // A miss at the warm-up service (it serves other models) is no failure.
-        if matches!(&r, Err(e) if !matches!(e, Error::NotFound(_))) {
+        if failed(&r) {
             *self.backoff_until.lock() = Some(Instant::now() + Duration::from_secs(10));
         }
         r
