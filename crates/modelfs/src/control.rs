@@ -82,7 +82,7 @@ pub fn stat(mp: &Path, json: bool) -> Result<()> {
 }
 
 pub fn unmount(mp: &Path) -> Result<()> {
-    let abs = std::path::absolute(mp)?;
+    let abs = crate::mountpoint::absolute(mp)?;
     match mounted_at(&abs) {
         None => bail!("{} is not mounted", abs.display()),
         Some(t) if !t.starts_with("fuse") => {

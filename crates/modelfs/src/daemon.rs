@@ -74,7 +74,7 @@ pub fn mount(args: MountArgs) -> Result<()> {
 
 /// Re-runs this binary in the foreground, detached, and waits for its word.
 fn background(args: MountArgs) -> Result<()> {
-    let mp = std::path::absolute(&args.mountpoint)?;
+    let mp = mountpoint::absolute(&args.mountpoint)?;
     let log = args.log_file.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!(
             "modelfs-{}.log",

@@ -48,11 +48,17 @@ pub fn mounted_at(path: &Path) -> Option<String> {
         .map(|(_, t)| t)
 }
 
+/// The absolute path as the kernel's mount table writes it (no trailing
+/// slash, no `.` components).
+pub fn absolute(path: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(path).with_context(|| path.display().to_string())?;
+    Ok(abs.components().collect())
+}
+
 /// Refuses a mount point that is missing, not a directory, not empty, or
 /// already mounted; returns its absolute path.
 pub fn check(mountpoint: &Path) -> Result<PathBuf> {
-    let abs = std::path::absolute(mountpoint)
-        .with_context(|| format!("mount point {}", mountpoint.display()))?;
+    let abs = absolute(mountpoint)?;
     if let Some(fstype) = mounted_at(&abs) {
         bail!(
             "mount point {} is already mounted ({fstype}); run `modelfs unmount {}` or pick another directory",
@@ -105,5 +111,11 @@ mod tests {
     fn unescapes_mountinfo_paths() {
         assert_eq!(super::unescape(r"/mnt/a\040b"), "/mnt/a b");
         assert_eq!(super::unescape("/plain"), "/plain");
+    }
+
+    #[test]
+    fn absolute_paths_match_the_mount_table() {
+        let p = super::absolute(std::path::Path::new("/mnt/./models/")).unwrap();
+        assert_eq!(p, std::path::PathBuf::from("/mnt/models"));
     }
 }

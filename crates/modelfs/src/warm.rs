@@ -29,7 +29,7 @@ pub struct WarmArgs {
 }
 
 fn mount_root(path: &Path) -> Result<PathBuf> {
-    let abs = std::path::absolute(path)?;
+    let abs = crate::mountpoint::absolute(path)?;
     for p in abs.ancestors() {
         if mounted_at(p).is_some_and(|t| t.starts_with("fuse")) && read_stats(p).is_ok() {
             return Ok(p.to_path_buf());

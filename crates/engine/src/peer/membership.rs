@@ -145,3 +145,47 @@ impl Membership {
             .insert(peer, Instant::now() + self.backoff_for);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_static_lists_and_dns_names() {
+        let s: PeerSpec = "10.0.0.1:7070, 10.0.0.2:7070".parse().unwrap();
+        assert!(matches!(s, PeerSpec::Static(l) if l.len() == 2));
+        let d: PeerSpec = "dns:modelfs-qwen.default.svc.cluster.local:7070"
+            .parse()
+            .unwrap();
+        assert!(
+            matches!(d, PeerSpec::Dns(n, 7070) if n == "modelfs-qwen.default.svc.cluster.local")
+        );
+        assert!("nonsense".parse::<PeerSpec>().is_err());
+        assert!("dns:noport".parse::<PeerSpec>().is_err());
+    }
+
+    #[tokio::test]
+    async fn dns_members_resolve_and_this_node_is_found_among_them() {
+        let m = Membership::start(
+            PeerSpec::Dns("localhost".into(), 7070),
+            Some("0.0.0.0:7070".parse().unwrap()),
+        )
+        .await
+        .unwrap();
+        let me: SocketAddr = "127.0.0.1:7070".parse().unwrap();
+        assert_eq!(m.live(), vec![me]);
+        assert_eq!(
+            m.me(),
+            Some(me),
+            "0.0.0.0 matched against this host's addresses"
+        );
+        m.back_off(me);
+        assert!(m.live().is_empty());
+        let bad = Membership::start(
+            PeerSpec::Static(vec!["no-such-host.invalid:1".into()]),
+            None,
+        )
+        .await;
+        assert!(bad.is_err());
+    }
+}
