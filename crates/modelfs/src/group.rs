@@ -31,6 +31,9 @@ pub struct GroupArgs {
     /// File holding the group's shared token (required with the options above)
     #[arg(long)]
     pub peer_token_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on ADDR:PORT (/metrics)
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Seconds to connect to a peer or get a chunk from its cache; a peer that
     /// fetches the chunk for the group also gets the origin's own time budget
     #[arg(long, default_value_t = 5.0)]
@@ -45,6 +48,7 @@ pub struct Group {
     warmup: Option<String>,
     source: String,
     chunk_size: u64,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl Group {
@@ -97,6 +101,7 @@ impl Group {
                 .map(|w| w.trim_end_matches('/').to_string()),
             source: source.to_string(),
             chunk_size,
+            metrics_listen: a.metrics_listen,
         })
     }
 
@@ -126,8 +131,11 @@ impl Group {
         t
     }
 
-    /// Starts the chunk server, if this node listens.
+    /// Starts the chunk server, if this node listens, and the metrics endpoint.
     pub fn serve(&mut self, engine: &Arc<Engine>, rt: &tokio::runtime::Handle) -> Result<()> {
+        if let Some(addr) = self.metrics_listen.take() {
+            crate::metrics::export(addr, engine.clone(), rt)?;
+        }
         let Some(l) = self.listener.take() else {
             return Ok(());
         };

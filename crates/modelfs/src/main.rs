@@ -5,6 +5,7 @@ mod demo;
 mod fuse;
 mod group;
 mod inodes;
+mod metrics;
 mod mountpoint;
 mod push;
 mod serve;

@@ -34,6 +34,9 @@ pub struct ServeArgs {
     pub concurrency: usize,
     #[arg(long)]
     pub peer_token_file: PathBuf,
+    /// Serve Prometheus metrics on ADDR:PORT (/metrics)
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub store: SourceArgs,
 }
@@ -50,6 +53,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         warmup_service: None,
         peer_token_file: Some(a.peer_token_file.clone()),
         peer_timeout: 5.0,
+        metrics_listen: a.metrics_listen,
     };
     let mut group = rt.block_on(Group::start(
         &group_args,

@@ -176,3 +176,33 @@ fn stat_reports_the_documented_keys() {
         "{text}"
     );
 }
+
+#[test]
+fn prometheus_metrics_follow_the_counters() {
+    use std::io::{Read, Write};
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), 5 << 20, 4);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let m = w.mount(&["--metrics-listen", &addr]);
+    assert_same_file(&w.src().join("f.bin"), &m.path("f.bin"));
+    let scrape = || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let want = format!("modelfs_bytes_from_source_total {}", 5 << 20);
+    wait_until(
+        "the metrics to show the read",
+        Duration::from_secs(15),
+        || scrape().contains(&want),
+    );
+    assert!(scrape().contains("modelfs_cache_bytes_capacity"));
+}
