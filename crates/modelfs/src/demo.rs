@@ -69,7 +69,7 @@ pub fn run(size: ByteSize, files: usize) -> Result<()> {
         "making a {size} synthetic safetensors model in {}",
         src.display()
     );
-    let shards = crate::synth::make_model(&src, size.0, files, 42)?;
+    let shards = crate::synth::make_model(&src, size.0, files, 42, "bf16")?;
     for s in &shards {
         drop_page_cache(s)?;
     }

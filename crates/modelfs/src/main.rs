@@ -61,6 +61,9 @@ enum Cmd {
         files: usize,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// bf16, or f16 (loads with numpy)
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
     },
 }
 
@@ -87,7 +90,8 @@ fn main() -> ExitCode {
             size,
             files,
             seed,
-        } => synth::make_model(&dir, size.0, files, seed).map(|_| ()),
+            dtype,
+        } => synth::make_model(&dir, size.0, files, seed, &dtype).map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

