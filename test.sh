@@ -37,5 +37,8 @@ log "format and lints"
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
 
+log "benchmark suite, quick: every scenario must produce figures from verified bytes"
+bench/run.sh --quick
+
 log "tests"
 cargo test --release

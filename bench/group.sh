@@ -4,6 +4,8 @@
 # network namespace made here; the bridge lives in a namespace of its own, so
 # no address of this test is routed from the host's namespace. Prints the time
 # for all N nodes to finish and the origin bytes, per N.
+# Then a node joining the largest warm group, and that many cold nodes served by
+# a preloaded warm-up service (no peers).
 # Usage: bench/group.sh [--size 512MiB] [--rate 800mbit] [--nodes "1 2 4 8"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +49,8 @@ attach() { # NAME ADDRESS
   ip netns exec "$ns" ip link set lo up
 }
 attach origin 10.213.0.1
-for i in $(seq 1 $max); do attach "n$i" "10.213.0.$((10 + i))"; done
+attach warmup 10.213.0.2
+for i in $(seq 1 $((max + 1))); do attach "n$i" "10.213.0.$((10 + i))"; done
 # The origin sends at most $rate, to all nodes together.
 ip netns exec "$(nsname origin)" tc qdisc add dev eth0 root tbf rate "$rate" burst 256kb latency 100ms
 
@@ -64,11 +67,12 @@ head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/token"
 cat > "$work/node.sh" <<'NODE'
 #!/usr/bin/env bash
 set -euo pipefail
-bin=$1 i=$2 peers=$3 work=$4 ep=$5 out=$6
+bin=$1 i=$2 peers=$3 work=$4 ep=$5 out=$6 warmup=${7:-} hold=${8:-}
 mp=$work/mnt-$i; mkdir -p "$mp"
 cache=/dev/shm/$(basename "$work")-$i; rm -rf "$cache"
 args=(--endpoint "$ep" --cache-dir "$cache" --cache-size 4GiB)
 if [ -n "$peers" ]; then args+=(--listen "10.213.0.$((10 + i)):7070" --peers "$peers" --peer-token-file "$work/token"); fi
+if [ -n "$warmup" ]; then args+=(--warmup-service "$warmup" --peer-token-file "$work/token"); fi
 "$bin" mount s3://models/bench "$mp" "${args[@]}" >/dev/null
 echo ready > "$out.ready"
 while [ ! -e "$work/go" ]; do sleep 0.01; done
@@ -78,32 +82,49 @@ t1=$(date +%s.%N)
 ok=1; for f in "$work"/model/*.safetensors; do cmp -s "$f" "$mp/$(basename "$f")" || ok=0; done
 "$bin" stat "$mp" --json > "$out.json"
 echo "$t0 $t1 $ok" > "$out"
+# A held node stays up, warm, until the run is over (the joiner reads from it).
+if [ -n "$hold" ]; then while [ ! -e "$work/stop" ]; do sleep 0.1; done; fi
 "$bin" unmount "$mp" >/dev/null; rm -rf "$cache"
 NODE
 chmod +x "$work/node.sh"
 
-run() { # N PEERS(yes|no) -> "seconds origin_bytes all_ok"
-  local n=$1 with=$2 peers="" pids=() i
-  rm -f "$work/go" "$work"/res-*
-  if [ "$with" = yes ]; then peers=$(for i in $(seq 1 "$n"); do printf '10.213.0.%d:7070,' $((10 + i)); done); peers=${peers%,}; fi
+peer_list() { local i; for i in $(seq 1 "$1"); do printf '10.213.0.%d:7070,' $((10 + i)); done | sed 's/,$//'; }
+
+# Nodes FIRST..LAST load at once -> "seconds origin_bytes all_ok".
+# PEERS is a list or empty; WARMUP a warm-up service URL or empty; HOLD keeps them up.
+run_nodes() {
+  local first=$1 last=$2 peers=$3 warmup=$4 hold=$5 pids=() i
+  rm -f "$work/go"
+  for i in $(seq "$first" "$last"); do rm -f "$work/res-$i" "$work/res-$i".*; done
   sync; echo 3 > /proc/sys/vm/drop_caches
-  for i in $(seq 1 "$n"); do
-    ip netns exec "$(nsname "n$i")" "$work/node.sh" "$bin" "$i" "$peers" "$work" "$origin_ep" "$work/res-$i" &
+  for i in $(seq "$first" "$last"); do
+    ip netns exec "$(nsname "n$i")" "$work/node.sh" "$bin" "$i" "$peers" "$work" "$origin_ep" "$work/res-$i" "$warmup" "$hold" &
     pids+=($!)
   done
-  for i in $(seq 1 "$n"); do for _ in $(seq 1 600); do [ -e "$work/res-$i.ready" ] && break; sleep 0.1; done; done
+  for i in $(seq "$first" "$last"); do for _ in $(seq 1 600); do [ -e "$work/res-$i.ready" ] && break; sleep 0.1; done; done
   touch "$work/go"
-  for p in "${pids[@]}"; do wait "$p"; done
-  python3 - "$work" "$n" <<'PY'
+  if [ -n "$hold" ]; then
+    for i in $(seq "$first" "$last"); do for _ in $(seq 1 3000); do [ -e "$work/res-$i" ] && break; sleep 0.1; done; done
+    held_pids+=("${pids[@]}")
+  else
+    for p in "${pids[@]}"; do wait "$p"; done
+  fi
+  python3 - "$work" "$first" "$last" <<'PY'
 import json, sys
-work, n = sys.argv[1], int(sys.argv[2])
+work, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t0s, t1s, origin, ok = [], [], 0, True
-for i in range(1, n + 1):
+for i in range(first, last + 1):
     a, b, good = open(f"{work}/res-{i}").read().split()
     t0s.append(float(a)); t1s.append(float(b)); ok &= good == "1"
     origin += json.load(open(f"{work}/res-{i}.json"))["bytes_from_source"]
 print(f"{max(t1s) - min(t0s):.1f} {origin} {'yes' if ok else 'NO'}")
 PY
+}
+held_pids=()
+run() { # N PEERS(yes|no) -> "seconds origin_bytes all_ok"
+  local peers=""
+  [ "$2" = yes ] && peers=$(peer_list "$1")
+  run_nodes 1 "$1" "$peers" "" ""
 }
 
 printf '\nScale-out: %s model (4 shards), origin limited to %s by tc, nodes in network namespaces; %s cores\n\n' "$size" "$rate" "$(nproc)"
@@ -117,3 +138,21 @@ for n in $counts; do
     "$(awk -v a="$op" -v b="$bytes" 'BEGIN{print a/b}')" "$tn" "$(awk -v a="$on" -v b="$bytes" 'BEGIN{print a/b}')" \
     "$([ "$okp$okn" = yesyes ] && echo yes || echo NO)"
 done
+
+ratio() { awk -v a="$1" -v b="$bytes" 'BEGIN{printf "%.2f", a / b}'; }
+big=$(echo "$counts" | awk '{print $NF}')
+# A node joining a warm group: BIG nodes load and stay up, then one more joins.
+read -r _ _ _ < <(run_nodes 1 "$big" "$(peer_list "$big")" "" hold)
+read -r tj oj okj < <(run_nodes $((big + 1)) $((big + 1)) "$(peer_list $((big + 1)))" "" "")
+touch "$work/stop"; for p in "${held_pids[@]}"; do wait "$p" || true; done; rm -f "$work/stop"
+# A warm-up service preloaded with the model, in its own namespace; BIG cold nodes without peers.
+ip netns exec "$(nsname warmup)" "$bin" serve s3://models --listen 10.213.0.2:7070 --preload bench/ \
+  --endpoint "$origin_ep" --peer-token-file "$work/token" --cache-dir "/dev/shm/$tag-warmup" --cache-size 4GiB \
+  > "$work/serve.log" 2>&1 &
+serve_pid=$!
+for _ in $(seq 1 1200); do grep -q "serving s3://models" "$work/serve.log" && break; sleep 0.1; done
+read -r tw ow okw < <(run_nodes 1 "$big" "" "http://10.213.0.2:7070" "")
+kill "$serve_pid"; wait "$serve_pid" 2>/dev/null || true
+printf '\n| case | s | origin bytes / model | bytes verified |\n|---|---:|---:|---|\n'
+printf '| a node joining %s warm nodes | %s | %s | %s |\n' "$big" "$tj" "$(ratio "$oj")" "$okj"
+printf '| %s cold nodes, warm-up service preloaded | %s | %s | %s |\n' "$big" "$tw" "$(ratio "$ow")" "$okw"
