@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 log() { printf '== test.sh: %s\n' "$*"; }
+# Each S3 test process leaves its Garage data behind when it exits.
+trap 'rm -rf /var/tmp/modelfs-garage-*' EXIT
 
 [ -e /dev/fuse ] || { echo "test.sh: /dev/fuse is missing; the tests mount real FUSE file systems" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "test.sh: run as root: the tests mount FUSE file systems and tune their readahead" >&2; exit 1; }
