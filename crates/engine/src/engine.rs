@@ -187,13 +187,12 @@ impl Engine {
         let (engine, cf) = (self.clone(), cf.clone());
         self.flights
             .run((cf.key, i), move || async move {
-                let range = cf.chunk_range(i);
                 // Someone may have stored it between our miss and this flight.
-                if let Some(b) = engine.store.read(&cf, i, 0..range.end - range.start) {
+                if let Some(b) = engine.store.read_chunk(&cf, i) {
                     return Ok(b);
                 }
                 let bytes = engine
-                    .fetch_from_tiers(&cf.file, i, range, for_peer)
+                    .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), for_peer)
                     .await?;
                 match engine.store.insert(&cf, i, &bytes, prefetch) {
                     Ok(Insert::NoRoom) => {
@@ -250,8 +249,7 @@ impl Engine {
         if i >= cf.n_chunks() {
             return Err(Error::NotFound(format!("{} chunk {i}", file.path)));
         }
-        let r = cf.chunk_range(i);
-        if let Some(b) = self.store.read(&cf, i, 0..r.end - r.start) {
+        if let Some(b) = self.store.read_chunk(&cf, i) {
             return Ok(b);
         }
         self.fetch(&cf, i, false, true).await
@@ -261,39 +259,31 @@ impl Engine {
     pub fn cached_chunk(&self, file: &FileVersion, i: u64) -> Result<Bytes> {
         let miss = || Error::NotFound(format!("{} chunk {i}", file.path));
         let cf = self.store.lookup(file).ok_or_else(miss)?;
-        let r = cf.chunk_range(i);
         if i >= cf.n_chunks() {
             return Err(miss());
         }
-        self.store.read(&cf, i, 0..r.end - r.start).ok_or_else(miss)
+        self.store.read_chunk(&cf, i).ok_or_else(miss)
     }
 
-    /// Fetches every chunk of `file` not yet cached, `concurrency` at a time;
-    /// `progress` gets the bytes of each chunk as it lands.
-    pub async fn warm_file(
-        self: &Arc<Self>,
-        file: &FileVersion,
-        concurrency: usize,
-        progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<()> {
+    /// Fetches every chunk of `file` not yet cached, `concurrency` at a time.
+    pub async fn warm_file(self: &Arc<Self>, file: &FileVersion, concurrency: usize) -> Result<()> {
         use futures::StreamExt;
         let cf = self.store.file(file)?;
         let results: Vec<Result<()>> = futures::stream::iter(0..cf.n_chunks())
             .map(|i| {
                 let cf = cf.clone();
                 async move {
-                    let len = cf.chunk_range(i).end - cf.chunk_range(i).start;
-                    if !self.store.contains(&cf, i) {
-                        self.fetch(&cf, i, false, false).await?;
-                        if !self.store.contains(&cf, i) {
-                            return Err(Error::Cache(format!(
-                                "no room for {} in --cache-size {}",
-                                file.path,
-                                crate::size::ByteSize(self.cfg.cache_capacity)
-                            )));
-                        }
+                    if self.store.contains(&cf, i) {
+                        return Ok(());
                     }
-                    progress(len);
+                    self.fetch(&cf, i, false, false).await?;
+                    if !self.store.contains(&cf, i) {
+                        return Err(Error::Cache(format!(
+                            "no room for {} in --cache-size {}",
+                            file.path,
+                            crate::size::ByteSize(self.cfg.cache_capacity)
+                        )));
+                    }
                     Ok(())
                 }
             })

@@ -3,7 +3,7 @@
 //! that can see the mount.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use modelfs_engine::size::ByteSize;
@@ -11,7 +11,6 @@ use modelfs_engine::stats::StatsSnapshot;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::daemon::wait_gone;
 use crate::fuse::STATS_XATTR;
 use crate::mountpoint::{lazy_unmount, mounted_at};
 
@@ -103,4 +102,17 @@ pub fn unmount(mp: &Path) -> Result<()> {
     lazy_unmount(&abs)?;
     println!("modelfs: unmounted {}", abs.display());
     Ok(())
+}
+
+/// Waits until the daemon `pid` has exited and `mp` is no longer mounted.
+fn wait_gone(pid: i32, mp: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && mounted_at(mp).is_none() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }

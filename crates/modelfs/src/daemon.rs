@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -269,16 +269,4 @@ fn shutdown(m: Mounted) {
     }
     info!(mountpoint = %m.mountpoint.display(), "unmounted");
     std::process::exit(0);
-}
-
-pub fn wait_gone(pid: i32, mp: &Path, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        let alive = Path::new(&format!("/proc/{pid}")).exists();
-        if !alive && mountpoint::mounted_at(mp).is_none() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }

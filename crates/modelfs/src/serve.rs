@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,16 +73,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let t = Instant::now();
         let files = rt.block_on(engine.namespace().walk(prefix))?;
         let total: u64 = files.iter().map(|f| f.1.size).sum();
-        let done = AtomicU64::new(0);
         for (path, meta) in &files {
             let file = FileVersion {
                 path: path.clone(),
                 version: meta.version.clone(),
                 size: meta.size,
             };
-            rt.block_on(engine.warm_file(&file, a.concurrency, &|n| {
-                done.fetch_add(n, Ordering::Relaxed);
-            }))?;
+            rt.block_on(engine.warm_file(&file, a.concurrency))?;
         }
         info!(
             prefix,

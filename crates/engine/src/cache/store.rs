@@ -52,7 +52,7 @@ impl CacheFile {
         start..(start + self.chunk_size).min(self.file.size)
     }
 
-    fn chunk_len(&self, i: u64) -> u64 {
+    pub fn chunk_len(&self, i: u64) -> u64 {
         let r = self.chunk_range(i);
         r.end - r.start
     }
@@ -397,6 +397,11 @@ impl ChunkStore {
         out
     }
 
+    /// The whole of chunk `i`, if cached (and, after a restart, verified).
+    pub fn read_chunk(&self, cf: &CacheFile, i: u64) -> Option<Bytes> {
+        self.read(cf, i, 0..cf.chunk_len(i))
+    }
+
     /// Removes a present, unpinned chunk from the accounting and returns it
     /// for [`Self::evict`].
     fn take(&self, inner: &mut Inner, key: u128, i: u64) -> Option<(Arc<CacheFile>, u64)> {
@@ -543,8 +548,7 @@ impl ChunkStore {
                 .collect()
         };
         for i in unverified {
-            let len = cf.chunk_len(i);
-            self.read(cf, i, 0..len)?;
+            self.read_chunk(cf, i)?;
         }
         let mut inner = self.inner.lock();
         let e = inner.files.get_mut(&cf.key)?;
