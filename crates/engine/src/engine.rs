@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, error};
 
-use crate::cache::{CacheConfig, CacheFile, ChunkStore, Insert, WholeFilePin};
+use crate::cache::{CacheConfig, CacheFile, ChunkStore, Mode, Reserve, WholeFilePin};
 use crate::namespace::Namespace;
 use crate::prefetch::{PrefetchTicket, Prefetcher};
 use crate::singleflight::SingleFlight;
@@ -24,6 +24,9 @@ pub struct EngineConfig {
     pub cache_capacity: u64,
     /// Chunks in flight for prefetch across the whole mount; 0 turns it off.
     pub prefetch_concurrency: usize,
+    /// Bytes prefetched and not read yet, at most (and at most half the
+    /// cache): what prefetch may fetch that a reader never asks for.
+    pub prefetch_window: u64,
     pub listing_ttl: Duration,
 }
 
@@ -32,10 +35,41 @@ pub struct Engine {
     namespace: Namespace,
     store: Arc<ChunkStore>,
     tiers: Vec<Arc<dyn Tier>>,
-    flights: SingleFlight<(u128, u64), Bytes>,
+    flights: SingleFlight<(u128, u64), Got>,
     prefetcher: Prefetcher,
     stats: Arc<Stats>,
     cfg: EngineConfig,
+}
+
+/// Who wants a chunk, which decides what may be evicted for it and what
+/// happens when nothing may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Want {
+    /// A reader's miss: may evict chunks nobody has read yet.
+    Read,
+    /// Prefetch: within the prefetch window, evicting only chunks already read.
+    Prefetch,
+    /// The whole chunk even if it cannot be kept (warm).
+    Whole,
+    /// A peer's request: as `Whole`, and never forwarded to another peer.
+    Peer,
+}
+
+/// What a flight brought: the chunk, or word that it was not fetched
+/// because the cache had no room for it (and who asked).
+#[derive(Clone)]
+pub(crate) enum Got {
+    Bytes(Bytes),
+    NoRoom(Want),
+}
+
+impl Got {
+    fn into_bytes(self) -> Result<Bytes> {
+        match self {
+            Got::Bytes(b) => Ok(b),
+            Got::NoRoom(_) => Err(Error::Cache("no room in the cache for the chunk".into())),
+        }
+    }
 }
 
 /// One open handle on one version of a file.
@@ -66,6 +100,7 @@ impl Engine {
                 capacity: cfg.cache_capacity,
                 chunk_size: cfg.chunk_size,
                 source_id: source.id().to_string(),
+                prefetch_window: cfg.prefetch_window,
             },
             stats.clone(),
         )?;
@@ -109,7 +144,7 @@ impl Engine {
 
     /// Opens one version of a file and starts prefetching it.
     pub fn open(self: &Arc<Self>, file: FileVersion) -> Result<OpenFile> {
-        let cf = self.store.file(&file)?;
+        let cf = self.store.file(&file);
         add(&self.stats.opens, 1);
         let prefetch =
             (self.cfg.prefetch_concurrency > 0).then(|| self.prefetcher.start(self, &cf));
@@ -168,44 +203,94 @@ impl Engine {
         }
         add(&self.stats.cache_misses, 1);
         self.prefetcher.hint(cf.key, i + 1);
-        let whole = self.fetch(cf, i, false, false).await?;
-        self.store.mark_read(cf, i);
-        Ok(whole.slice(rel.start as usize..rel.end as usize))
+        match self.fetch(cf, i, Want::Read).await? {
+            Got::Bytes(whole) => {
+                self.store.mark_read(cf, i);
+                Ok(whole.slice(rel.start as usize..rel.end as usize))
+            }
+            // No room to keep the chunk: fetch just what was asked, so a
+            // reader of a full cache costs the origin what it reads.
+            Got::NoRoom(_) => {
+                let base = cf.chunk_range(i).start;
+                let range = base + rel.start..base + rel.end;
+                let b = self.fetch_from_tiers(&cf.file, i, range, false).await?;
+                add(&self.stats.reads_uncached, 1);
+                add(&self.stats.bytes_uncached, b.len() as u64);
+                Ok(b)
+            }
+        }
     }
 
     /// The whole of chunk `i`, fetched once however many ask at a time, and
-    /// stored in the cache when there is room. `for_peer` skips the peer
-    /// tiers: a peer's request is answered from here, the warm-up service or
-    /// the origin, never forwarded to another peer.
-    pub async fn fetch(
+    /// kept in the cache when room can be made for it first. A chunk that
+    /// cannot be kept is fetched for `Want::Whole` only: prefetch and
+    /// readers get `Got::NoRoom` and nothing is read from any tier.
+    pub(crate) async fn fetch(
         self: &Arc<Self>,
         cf: &Arc<CacheFile>,
         i: u64,
-        prefetch: bool,
-        for_peer: bool,
-    ) -> Result<Bytes> {
+        want: Want,
+    ) -> Result<Got> {
+        let got = self.flight(cf, i, want).await?;
+        match got {
+            // The flight we joined was prefetch's, which may not evict what
+            // nobody has read; a reader may, so it tries once in its own name.
+            Got::NoRoom(Want::Prefetch) if want != Want::Prefetch => {
+                match self.flight(cf, i, want).await? {
+                    Got::NoRoom(_) if want == Want::Whole => self.fetch_uncached(cf, i).await,
+                    other => Ok(other),
+                }
+            }
+            Got::NoRoom(_) if want == Want::Whole => self.fetch_uncached(cf, i).await,
+            other => Ok(other),
+        }
+    }
+
+    async fn fetch_uncached(&self, cf: &CacheFile, i: u64) -> Result<Got> {
+        let b = self
+            .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), false)
+            .await?;
+        add(&self.stats.reads_uncached, 1);
+        add(&self.stats.bytes_uncached, b.len() as u64);
+        Ok(Got::Bytes(b))
+    }
+
+    async fn flight(self: &Arc<Self>, cf: &Arc<CacheFile>, i: u64, want: Want) -> Result<Got> {
         let (engine, cf) = (self.clone(), cf.clone());
         self.flights
             .run((cf.key, i), move || async move {
                 // Someone may have stored it between our miss and this flight.
                 if let Some(b) = engine.store.read_chunk(&cf, i) {
-                    return Ok(b);
+                    return Ok(Got::Bytes(b));
                 }
+                let mode = match want {
+                    Want::Prefetch => Mode::Prefetch,
+                    Want::Read | Want::Whole | Want::Peer => Mode::Read,
+                };
+                let room = match engine.store.reserve(&cf, i, mode) {
+                    Reserve::Room(r) => Some(r),
+                    Reserve::Busy | Reserve::NoRoom if want == Want::Peer => None,
+                    Reserve::Busy | Reserve::NoRoom => return Ok(Got::NoRoom(want)),
+                };
                 let bytes = engine
-                    .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), for_peer)
+                    .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), want == Want::Peer)
                     .await?;
-                match engine.store.insert(&cf, i, &bytes, prefetch) {
-                    Ok(Insert::NoRoom) => {
-                        debug!(path = %cf.file.path, chunk = i, "no room in the cache")
+                match room {
+                    Some(r) => {
+                        engine.store.commit(r, &bytes);
                     }
-                    Ok(_) => {}
-                    Err(e) => error!("{e}; serving the chunk uncached"),
+                    None => {
+                        add(&engine.stats.reads_uncached, 1);
+                        add(&engine.stats.bytes_uncached, bytes.len() as u64);
+                    }
                 }
-                Ok(bytes)
+                Ok(Got::Bytes(bytes))
             })
             .await
     }
 
+    /// Bytes `range` of `file` (within chunk `index`) from the first tier
+    /// that answers. Tiers that deal in whole chunks are asked for the chunk.
     async fn fetch_from_tiers(
         &self,
         file: &FileVersion,
@@ -214,6 +299,10 @@ impl Engine {
         for_peer: bool,
     ) -> Result<Bytes> {
         let last = self.tiers.len() - 1;
+        let chunk = {
+            let start = index * self.cfg.chunk_size;
+            start..(start + self.cfg.chunk_size).min(file.size)
+        };
         for (n, tier) in self.tiers.iter().enumerate() {
             if for_peer && tier.is_peer() {
                 continue;
@@ -221,10 +310,25 @@ impl Engine {
             if n == last {
                 add(&self.stats.source_requests, 1);
             }
-            match tier.fetch(file, index, range.clone()).await {
+            let ask = if tier.whole_chunks() {
+                chunk.clone()
+            } else {
+                range.clone()
+            };
+            match tier.fetch(file, index, ask.clone()).await {
                 Ok(b) => {
                     add(tier.counter(&self.stats), b.len() as u64);
-                    return Ok(b);
+                    let (from, to) = (range.start - ask.start, range.end - ask.start);
+                    if to as usize > b.len() {
+                        return Err(Error::Cache(format!(
+                            "{} chunk {index}: the {} tier answered {} bytes where {} were expected",
+                            file.path,
+                            tier.name(),
+                            b.len(),
+                            ask.end - ask.start
+                        )));
+                    }
+                    return Ok(b.slice(from as usize..to as usize));
                 }
                 Err(e @ Error::VersionChanged { .. }) => {
                     add(&self.stats.version_changes, 1);
@@ -245,14 +349,14 @@ impl Engine {
     /// Chunk `i` of `file` for a peer: from the cache, or fetched once for
     /// the group and kept.
     pub async fn serve_chunk(self: &Arc<Self>, file: &FileVersion, i: u64) -> Result<Bytes> {
-        let cf = self.store.file(file)?;
+        let cf = self.store.file(file);
         if i >= cf.n_chunks() {
             return Err(Error::NotFound(format!("{} chunk {i}", file.path)));
         }
         if let Some(b) = self.store.read_chunk(&cf, i) {
             return Ok(b);
         }
-        self.fetch(&cf, i, false, true).await
+        self.fetch(&cf, i, Want::Peer).await?.into_bytes()
     }
 
     /// Chunk `i` of `file` if this node has it cached; never fetches.
@@ -268,7 +372,7 @@ impl Engine {
     /// Fetches every chunk of `file` not yet cached, `concurrency` at a time.
     pub async fn warm_file(self: &Arc<Self>, file: &FileVersion, concurrency: usize) -> Result<()> {
         use futures::StreamExt;
-        let cf = self.store.file(file)?;
+        let cf = self.store.file(file);
         let results: Vec<Result<()>> = futures::stream::iter(0..cf.n_chunks())
             .map(|i| {
                 let cf = cf.clone();
@@ -276,7 +380,7 @@ impl Engine {
                     if self.store.contains(&cf, i) {
                         return Ok(());
                     }
-                    self.fetch(&cf, i, false, false).await?;
+                    self.fetch(&cf, i, Want::Whole).await?;
                     if !self.store.contains(&cf, i) {
                         return Err(Error::Cache(format!(
                             "no room for {} in --cache-size {}",
@@ -300,6 +404,8 @@ impl Engine {
         s.cache_bytes_used = used;
         s.chunks_cached = cached;
         s.cache_bytes_capacity = self.cfg.cache_capacity;
+        (s.cache_bytes_capacity_effective, s.prefetch_bytes_unread) = self.store.pressure();
+        s.cache_bytes_retired = self.store.retired_bytes();
         s.chunk_size = self.cfg.chunk_size;
         s.cache_dir = self.cfg.cache_dir.display().to_string();
         s.source = self.source.id().to_string();

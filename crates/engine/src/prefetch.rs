@@ -1,7 +1,10 @@
 //! Prefetch ahead of the readers of an open file: chunks in order from the
 //! first (time to first byte), jumping to where a reader misses, with a bound
-//! on chunks in flight for the whole mount. It pauses rather than evict a
-//! chunk nobody has read yet, and goes on when a reader moves forward.
+//! on chunks in flight for the whole mount. Room is reserved before a chunk
+//! is fetched: when there is none (the prefetch window is full of chunks
+//! nobody has read, or everything else is pinned) it pauses, fetching
+//! nothing, and goes on when readers make room. A chunk it fetched is never
+//! fetched again by it, even if a reader's miss evicted it unread.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
@@ -12,6 +15,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::cache::CacheFile;
+use crate::engine::{Got, Want};
 use crate::stats::add;
 use crate::Engine;
 
@@ -81,7 +85,7 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
     let n = cf.n_chunks();
     let mut dispatched = vec![false; n as usize];
     let (mut next, mut low) = (0u64, 0u64);
-    // Chunks that found no room, to try again once a reader has moved on.
+    // Chunks that found no room, to try again once readers have made some.
     let retry: Arc<Mutex<Vec<u64>>> = Arc::default();
     let in_flight = Arc::new(AtomicUsize::new(0));
     while job.opens.load(SeqCst) > 0 {
@@ -92,7 +96,10 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
             }
             (next, low) = (first, low.min(first));
             // Bounded, so that a file closed meanwhile is noticed.
-            let _ = tokio::time::timeout(Duration::from_secs(1), job.wake.notified()).await;
+            tokio::select! {
+                _ = store.room_changed(Duration::from_secs(1)) => {}
+                _ = job.wake.notified() => {}
+            }
             continue;
         }
         let h = job.hint.swap(NO_HINT, SeqCst);
@@ -125,12 +132,10 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
         let (engine, cf, job) = (engine.clone(), cf.clone(), job.clone());
         let (retry, in_flight) = (retry.clone(), in_flight.clone());
         tokio::spawn(async move {
-            match engine.fetch(&cf, i, true, false).await {
-                Ok(_) if engine.store().contains(&cf, i) => {
-                    add(&engine.stats().chunks_prefetched, 1)
-                }
-                // No room without evicting data nobody has read yet.
-                Ok(_) => retry.lock().push(i),
+            match engine.fetch(&cf, i, Want::Prefetch).await {
+                Ok(Got::Bytes(_)) => add(&engine.stats().chunks_prefetched, 1),
+                // Nothing was fetched: try again when there is room.
+                Ok(Got::NoRoom(_)) => retry.lock().push(i),
                 // Readers that need this chunk will get the error themselves.
                 Err(_) => {}
             }

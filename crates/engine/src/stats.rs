@@ -36,6 +36,9 @@ pub struct Stats {
     pub passthrough_opens: AtomicU64,
     pub opens: AtomicU64,
     pub chunks_served_to_peers: AtomicU64,
+    pub cache_write_errors: AtomicU64,
+    pub reads_uncached: AtomicU64,
+    pub bytes_uncached: AtomicU64,
     pub peers: Mutex<BTreeMap<String, PeerCounters>>,
 }
 
@@ -74,6 +77,19 @@ pub struct StatsSnapshot {
     pub chunks_served_to_peers: u64,
     /// By peer address (and the warm-up service's URL).
     pub peers: BTreeMap<String, PeerCounters>,
+    /// The capacity in force: lower than `cache_bytes_capacity` after the
+    /// cache's filesystem ran out of space.
+    pub cache_bytes_capacity_effective: u64,
+    /// Evicted cache files that a process still maps: memory eviction could
+    /// not reclaim yet, not counted in `cache_bytes_used`.
+    pub cache_bytes_retired: u64,
+    /// Prefetched and not read yet (bounded by the prefetch window).
+    pub prefetch_bytes_unread: u64,
+    /// Reads served straight from a tier because the cache had no room.
+    pub reads_uncached: u64,
+    pub bytes_uncached: u64,
+    /// Chunks that could not be written to the cache (full filesystem, I/O).
+    pub cache_write_errors: u64,
 }
 
 impl Stats {
@@ -100,6 +116,9 @@ impl Stats {
         s.opens = g(&self.opens);
         s.passthrough_opens = g(&self.passthrough_opens);
         s.chunks_served_to_peers = g(&self.chunks_served_to_peers);
+        s.reads_uncached = g(&self.reads_uncached);
+        s.bytes_uncached = g(&self.bytes_uncached);
+        s.cache_write_errors = g(&self.cache_write_errors);
         s.peers = self.peers.lock().clone();
         let (hits, misses) = (g(&self.cache_hits), g(&self.cache_misses));
         s.hit_ratio = if hits + misses == 0 {

@@ -22,6 +22,11 @@ pub trait Tier: Send + Sync + 'static {
     fn is_peer(&self) -> bool {
         false
     }
+    /// Whether the tier serves whole chunks only (peers) rather than any
+    /// range (the origin).
+    fn whole_chunks(&self) -> bool {
+        true
+    }
     /// Bytes `range` (chunk `index`) of `file`.
     async fn fetch(&self, file: &FileVersion, index: u64, range: Range<u64>) -> Result<Bytes>;
 }
@@ -37,6 +42,10 @@ impl Tier for OriginTier {
 
     fn counter<'a>(&self, stats: &'a Stats) -> &'a AtomicU64 {
         &stats.bytes_from_source
+    }
+
+    fn whole_chunks(&self) -> bool {
+        false
     }
 
     async fn fetch(&self, file: &FileVersion, _index: u64, range: Range<u64>) -> Result<Bytes> {

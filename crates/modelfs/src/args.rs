@@ -24,6 +24,10 @@ pub struct CacheArgs {
     /// How long a directory listing is trusted, in seconds
     #[arg(long, default_value_t = 60.0)]
     pub listing_ttl: f64,
+    /// Most bytes prefetched ahead of readers and not read yet (at most half
+    /// the cache): what prefetch may fetch that no reader asks for
+    #[arg(long, default_value = "1GiB")]
+    pub prefetch_window: ByteSize,
 }
 
 impl CacheArgs {
@@ -41,6 +45,7 @@ impl CacheArgs {
             cache_dir,
             cache_capacity: self.cache_size.0,
             prefetch_concurrency,
+            prefetch_window: self.prefetch_window.0,
             listing_ttl: secs(self.listing_ttl, "--listing-ttl")?,
         })
     }

@@ -1,8 +1,14 @@
 //! The node-local chunk cache: one sparse file per source file and version,
 //! with a small index of the chunks present and their crc32c.
 
+mod dir;
+mod disk;
 mod index;
 mod lru;
+mod retired;
 mod store;
 
-pub use store::{CacheConfig, CacheFile, ChunkStore, Insert, WholeFilePin};
+pub use store::{CacheConfig, CacheFile, ChunkStore, Mode, Reservation, Reserve, WholeFilePin};
+
+#[cfg(test)]
+mod tests;

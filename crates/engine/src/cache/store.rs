@@ -1,44 +1,52 @@
-//! The chunk store: sparse data files, their indexes, capacity and LRU
-//! eviction at chunk granularity.
+//! The chunk registry: which chunks of which file versions are cached, their
+//! LRU order, pins, room reserved before a fetch, and eviction.
 //!
-//! Bytes are only read or written outside the lock; the lock guards the slot
-//! states. A chunk that a reader is copying out is pinned and never evicted,
-//! and a file served by kernel passthrough pins all its chunks.
+//! Bytes are read and written outside the lock; the lock guards the slot
+//! states and every create or unlink in the cache dir, so a name is never
+//! reused while an older file of that name is still being worked on.
+//!
+//! Room is reserved before any tier is asked, so a chunk that cannot be kept
+//! is never fetched for the cache. A file the kernel may map (it was handed
+//! to passthrough) is never punched: evicting it retires the whole file.
 
-use std::collections::HashMap;
-use std::fs::File;
+use std::collections::{HashMap, HashSet};
+use std::io;
 use std::ops::Range;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use super::index::{Header, Index, Present};
+use super::dir::{reopen_read_only, CacheDir};
+use super::disk::{self, Files};
+use super::index::Header;
 use super::lru::Lru;
+use super::retired::Retired;
+use crate::size::ByteSize;
 use crate::stats::{add, Stats};
 use crate::{Error, FileVersion, Result};
 
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
-    pub dir: PathBuf,
+    pub dir: std::path::PathBuf,
     pub capacity: u64,
     pub chunk_size: u64,
     /// Keys chunks, so that two sources never share a cache file.
     pub source_id: String,
+    /// At most this many bytes prefetched and not read yet, across the cache.
+    pub prefetch_window: u64,
 }
 
-/// One version of one source file in the cache.
+/// One version of one source file, held open by whoever reads it. When the
+/// last holder goes, its files on disk are closed; its chunks stay cached.
 pub struct CacheFile {
     pub key: u128,
     pub file: FileVersion,
     pub chunk_size: u64,
-    data: File,
-    data_path: PathBuf,
-    index: Index,
+    store: Weak<ChunkStore>,
 }
 
 impl CacheFile {
@@ -56,6 +64,22 @@ impl CacheFile {
         let r = self.chunk_range(i);
         r.end - r.start
     }
+}
+
+impl Drop for CacheFile {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.upgrade() {
+            store.closed(self.key);
+        }
+    }
+}
+
+/// Who wants room: a reader may evict chunks nobody has read yet; prefetch
+/// may not, and stays within the prefetch window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Read,
+    Prefetch,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -88,34 +112,113 @@ const EMPTY: Slot = Slot {
 };
 
 struct Entry {
-    cf: Arc<CacheFile>,
+    file: FileVersion,
+    /// Bumped when the data file is retired; work begun on an older
+    /// generation never touches the new one's slots.
+    gen: u64,
     slots: Vec<Slot>,
+    present_bytes: u64,
     whole_pins: u32,
+    /// Handed to the kernel as a passthrough backing file: some process may
+    /// map it, so its bytes must never change.
+    exposed: bool,
+    on_disk: bool,
+    files: Option<Arc<Files>>,
+    handle: Weak<CacheFile>,
 }
 
-#[derive(Default)]
+impl Entry {
+    fn new(file: FileVersion, chunk_size: u64) -> Entry {
+        let n = file.size.div_ceil(chunk_size) as usize;
+        Entry {
+            file,
+            gen: 0,
+            slots: vec![EMPTY; n],
+            present_bytes: 0,
+            whole_pins: 0,
+            exposed: false,
+            on_disk: false,
+            files: None,
+            handle: Weak::new(),
+        }
+    }
+
+    fn chunk_len(&self, chunk_size: u64, i: u64) -> u64 {
+        let start = i * chunk_size;
+        (start + chunk_size).min(self.file.size) - start
+    }
+
+    fn unread_present(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.state == State::Present && !s.read)
+    }
+}
+
 struct Inner {
     files: HashMap<u128, Entry>,
     lru: Lru,
+    /// Present and reserved bytes.
     used: u64,
     cached: u64,
+    /// Prefetched (or being prefetched) and not read yet.
+    unread: u64,
+    /// The capacity, lowered when the cache's filesystem runs out of space.
+    capacity: u64,
+    shrunk_at: Option<Instant>,
 }
 
-/// What became of an insertion.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Insert {
-    Stored,
-    /// Already there, or being written or evicted by someone else.
-    Skipped,
-    /// No room without evicting pinned (or, for prefetch, unread) chunks.
+/// Room for one chunk, taken before it is fetched. Dropped without
+/// [`ChunkStore::commit`], it gives the room back.
+pub struct Reservation {
+    store: Arc<ChunkStore>,
+    key: u128,
+    i: u64,
+    gen: u64,
+    len: u64,
+    prefetch: bool,
+    done: bool,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.done {
+            self.store.release(self);
+        }
+    }
+}
+
+pub enum Reserve {
+    Room(Reservation),
+    /// The chunk is present, being written or being evicted.
+    Busy,
     NoRoom,
+}
+
+/// A chunk taken out of the accounting, its blocks still to be freed.
+struct Victim {
+    files: Option<Arc<Files>>,
+    key: u128,
+    gen: u64,
+    i: u64,
+    range: Range<u64>,
+}
+
+/// Chunks to evict, found before anything is changed.
+#[derive(Default)]
+struct Plan {
+    chunks: Vec<(u128, u64)>,
+    retire: Vec<u128>,
 }
 
 pub struct ChunkStore {
     cfg: CacheConfig,
+    dir: CacheDir,
     inner: Mutex<Inner>,
-    stats: Arc<Stats>,
-    _lock: File,
+    pub(super) stats: Arc<Stats>,
+    retired: Retired,
+    /// Woken when room may have appeared (a chunk read, evicted or released).
+    room: Notify,
 }
 
 fn key_of(source_id: &str, chunk_size: u64, f: &FileVersion) -> u128 {
@@ -126,111 +229,102 @@ fn key_of(source_id: &str, chunk_size: u64, f: &FileVersion) -> u128 {
     xxhash_rust::xxh3::xxh3_128(s.as_bytes())
 }
 
-fn punch_hole(f: &File, range: Range<u64>) {
-    // SAFETY: fallocate on an fd we own, with in-range offsets; it only
-    // deallocates blocks, the file's size stays.
-    let rc = unsafe {
-        libc::fallocate(
-            f.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            range.start as i64,
-            (range.end - range.start) as i64,
-        )
-    };
-    if rc != 0 {
-        warn!(
-            "cannot free cache space (fallocate punch hole): {}",
-            std::io::Error::last_os_error()
-        );
-    }
+fn out_of_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
-fn lock_dir(dir: &Path) -> Result<File> {
-    let not_writable = |e: std::io::Error| {
-        Error::Config(format!(
-            "cache dir {} is not writable ({e}); pass --cache-dir a writable directory",
-            dir.display()
-        ))
-    };
-    std::fs::create_dir_all(dir).map_err(not_writable)?;
-    let path = dir.join(".lock");
-    let f = File::options()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(not_writable)?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let pid = std::fs::read_to_string(&path).unwrap_or_default();
-        return Err(Error::Config(format!(
-            "cache dir {} is in use by another modelfs process (pid {}); give this mount its own --cache-dir",
-            dir.display(),
-            pid.trim()
-        )));
-    }
-    f.set_len(0).map_err(not_writable)?;
-    f.write_all_at(std::process::id().to_string().as_bytes(), 0)
-        .map_err(not_writable)?;
-    Ok(f)
-}
+const REGROW_AFTER: Duration = Duration::from_secs(10);
 
 impl ChunkStore {
     /// Opens (or creates) the cache dir and takes back every chunk a previous
     /// run left there; each is checked against its crc before it is served.
+    /// Refuses a capacity the cache dir's filesystem cannot give.
     pub fn open(cfg: CacheConfig, stats: Arc<Stats>) -> Result<Arc<Self>> {
-        let lock = lock_dir(&cfg.dir)?;
+        let dir = CacheDir::open(&cfg.dir)?;
         let store = Arc::new(ChunkStore {
+            inner: Mutex::new(Inner {
+                files: HashMap::new(),
+                lru: Lru::default(),
+                used: 0,
+                cached: 0,
+                unread: 0,
+                capacity: cfg.capacity,
+                shrunk_at: None,
+            }),
             cfg,
-            inner: Mutex::default(),
+            dir,
             stats,
-            _lock: lock,
+            retired: Retired::default(),
+            room: Notify::new(),
         });
-        store.load()?;
+        store.restore();
+        let held = store.inner.lock().used;
+        let free = store
+            .dir
+            .available()
+            .map_err(|e| Error::io("cache dir", e))?;
+        if store.cfg.capacity > held + free {
+            return Err(Error::Config(format!(
+                "--cache-size {} does not fit in cache dir {}: its filesystem has {} free{}; pass --cache-size {} or less, or a --cache-dir on a larger filesystem",
+                ByteSize(store.cfg.capacity),
+                store.cfg.dir.display(),
+                ByteSize(free),
+                if held > 0 { format!(" besides the {} this cache holds", ByteSize(held)) } else { String::new() },
+                ByteSize((held + free) / (1 << 20) * (1 << 20)),
+            )));
+        }
         Ok(store)
     }
 
-    fn paths(&self, key: u128) -> (PathBuf, PathBuf) {
-        let base = self.cfg.dir.join(format!("{key:032x}"));
-        (base.with_extension("data"), base.with_extension("idx"))
-    }
-
-    fn load(&self) -> Result<()> {
-        let rd = std::fs::read_dir(&self.cfg.dir).map_err(|e| Error::io("cache dir", e))?;
+    /// Takes back the chunks of an earlier run. A complete file may still be
+    /// mapped by a process that outlived that run, so it is treated as
+    /// exposed; an incomplete one never was (exposed files are never
+    /// punched).
+    fn restore(&self) {
+        let names = self.dir.names().unwrap_or_default();
         let mut inner = self.inner.lock();
         let mut restored = 0u64;
-        for ent in rd.flatten() {
-            let p = ent.path();
-            if p.extension().and_then(|e| e.to_str()) != Some("idx") {
+        for name in &names {
+            let Some(hex) = name.strip_suffix(".idx") else {
                 continue;
+            };
+            let Ok(key) = u128::from_str_radix(hex, 16) else {
+                continue;
+            };
+            let opened = disk::Files::open(&self.dir, key).filter(|(_, h, _)| {
+                h.chunk_size == self.cfg.chunk_size
+                    && key_of(&self.cfg.source_id, h.chunk_size, &h.file) == key
+            });
+            let Some((_, header, present)) = opened.filter(|(_, _, p)| !p.is_empty()) else {
+                disk::remove(&self.dir, key);
+                continue;
+            };
+            let mut e = Entry::new(header.file, self.cfg.chunk_size);
+            e.on_disk = true;
+            for (i, crc) in present {
+                let tick = inner.lru.touch((key, i), None);
+                e.slots[i as usize] = Slot {
+                    state: State::Present,
+                    crc,
+                    verified: false,
+                    read: true,
+                    pins: 0,
+                    tick: Some(tick),
+                };
+                let len = e.chunk_len(self.cfg.chunk_size, i);
+                e.present_bytes += len;
+                inner.used += len;
+                inner.cached += 1;
+                restored += 1;
             }
-            match self.load_one(&p) {
-                Some((cf, present)) if !present.is_empty() => {
-                    let mut entry = Entry {
-                        slots: vec![EMPTY; cf.n_chunks() as usize],
-                        cf: cf.clone(),
-                        whole_pins: 0,
-                    };
-                    for (i, crc) in present {
-                        let tick = inner.lru.touch((cf.key, i), None);
-                        entry.slots[i as usize] = Slot {
-                            state: State::Present,
-                            crc,
-                            verified: false,
-                            read: true,
-                            pins: 0,
-                            tick: Some(tick),
-                        };
-                        inner.used += cf.chunk_len(i);
-                        inner.cached += 1;
-                        restored += 1;
-                    }
-                    inner.files.insert(cf.key, entry);
-                }
-                _ => {
-                    let _ = std::fs::remove_file(&p);
-                    let _ = std::fs::remove_file(p.with_extension("data"));
+            e.exposed = e.slots.iter().all(|s| s.state == State::Present);
+            inner.files.insert(key, e);
+        }
+        // Files of other chunk sizes or sources, and strays.
+        for name in names {
+            if let Some(hex) = name.strip_suffix(".data") {
+                if u128::from_str_radix(hex, 16).is_ok_and(|k| !inner.files.contains_key(&k)) {
+                    self.dir.remove(&name);
                 }
             }
         }
@@ -241,100 +335,105 @@ impl ChunkStore {
                 "reusing chunks from an earlier run"
             );
         }
-        let victims = self.pick_victims(&mut inner, 0, false).unwrap_or_default();
-        drop(inner);
-        self.evict(victims);
-        Ok(())
-    }
-
-    fn load_one(&self, idx_path: &Path) -> Option<(Arc<CacheFile>, Vec<Present>)> {
-        let f = File::options().read(true).write(true).open(idx_path).ok()?;
-        let (index, header, present) = Index::load(f).ok()??;
-        let key = key_of(&self.cfg.source_id, header.chunk_size, &header.file);
-        let (data_path, expect_idx) = self.paths(key);
-        if header.chunk_size != self.cfg.chunk_size || expect_idx != idx_path {
-            return None;
-        }
-        let data = File::options()
-            .read(true)
-            .write(true)
-            .open(&data_path)
-            .ok()?;
-        if data.metadata().ok()?.len() != header.file.size {
-            return None;
-        }
-        let cf = Arc::new(CacheFile {
-            key,
-            file: header.file,
-            chunk_size: header.chunk_size,
-            data,
-            data_path,
-            index,
-        });
-        Some((cf, present))
-    }
-
-    /// The cache file for one version of a source file, if there is one.
-    pub fn lookup(&self, f: &FileVersion) -> Option<Arc<CacheFile>> {
-        let key = key_of(&self.cfg.source_id, self.cfg.chunk_size, f);
-        self.inner.lock().files.get(&key).map(|e| e.cf.clone())
-    }
-
-    /// The cache file for one version of a source file, made if new.
-    pub fn file(&self, f: &FileVersion) -> Result<Arc<CacheFile>> {
-        let key = key_of(&self.cfg.source_id, self.cfg.chunk_size, f);
-        let mut inner = self.inner.lock();
-        if let Some(e) = inner.files.get(&key) {
-            return Ok(e.cf.clone());
-        }
-        let (data_path, idx_path) = self.paths(key);
-        let ctx = |e| Error::io(format!("cache file {}", data_path.display()), e);
-        let data = File::options()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&data_path)
-            .map_err(ctx)?;
-        data.set_len(f.size).map_err(ctx)?;
-        let idx = File::options()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&idx_path)
-            .map_err(ctx)?;
-        let header = Header {
-            chunk_size: self.cfg.chunk_size,
-            file: f.clone(),
+        let victims = match self.plan(&inner, 0, Mode::Read, None) {
+            Some(plan) => self.apply(&mut inner, plan),
+            None => vec![],
         };
-        let index = Index::create(idx, &header).map_err(ctx)?;
+        drop(inner);
+        self.punch(victims);
+    }
+
+    fn key(&self, f: &FileVersion) -> u128 {
+        key_of(&self.cfg.source_id, self.cfg.chunk_size, f)
+    }
+
+    /// The cache file for one version of a source file. Nothing is written
+    /// to disk until a chunk is stored, so opening never fails for want of
+    /// space.
+    pub fn file(self: &Arc<Self>, f: &FileVersion) -> Arc<CacheFile> {
+        let key = self.key(f);
+        let mut inner = self.inner.lock();
+        let e = inner
+            .files
+            .entry(key)
+            .or_insert_with(|| Entry::new(f.clone(), self.cfg.chunk_size));
+        if let Some(cf) = e.handle.upgrade() {
+            return cf;
+        }
         let cf = Arc::new(CacheFile {
             key,
             file: f.clone(),
             chunk_size: self.cfg.chunk_size,
-            data,
-            data_path,
-            index,
+            store: Arc::downgrade(self),
         });
-        inner.files.insert(
-            key,
-            Entry {
-                slots: vec![EMPTY; cf.n_chunks() as usize],
-                cf: cf.clone(),
-                whole_pins: 0,
-            },
-        );
-        Ok(cf)
+        e.handle = Arc::downgrade(&cf);
+        cf
     }
 
-    fn slot<'a>(inner: &'a mut Inner, cf: &CacheFile, i: u64) -> Option<&'a mut Slot> {
-        inner.files.get_mut(&cf.key)?.slots.get_mut(i as usize)
+    /// The cache file of a version this node holds chunks of, if any.
+    pub fn lookup(self: &Arc<Self>, f: &FileVersion) -> Option<Arc<CacheFile>> {
+        if !self.inner.lock().files.contains_key(&self.key(f)) {
+            return None;
+        }
+        Some(self.file(f))
+    }
+
+    /// The last holder of `key` went: close its files.
+    fn closed(&self, key: u128) {
+        let mut inner = self.inner.lock();
+        let Some(e) = inner.files.get_mut(&key) else {
+            return;
+        };
+        if e.handle.strong_count() > 0 {
+            return;
+        }
+        // Dropped after the lock: the fds close when the last reader is done.
+        let files = e.files.take();
+        self.forget_if_empty(&mut inner, key);
+        drop(inner);
+        drop(files);
+    }
+
+    /// Drops an entry nobody holds and nothing is cached of, with its files.
+    fn forget_if_empty(&self, inner: &mut Inner, key: u128) {
+        let Some(e) = inner.files.get(&key) else {
+            return;
+        };
+        let idle = e.present_bytes == 0
+            && e.whole_pins == 0
+            && e.handle.strong_count() == 0
+            && e.slots.iter().all(|s| s.state == State::Absent);
+        if idle {
+            if e.on_disk {
+                disk::remove(&self.dir, key);
+            }
+            inner.files.remove(&key);
+        }
+    }
+
+    /// The open files of `e`, opened again if they were closed.
+    fn files_of(&self, key: u128, e: &mut Entry) -> Option<Arc<Files>> {
+        if e.files.is_none() && e.on_disk {
+            match Files::open(&self.dir, key) {
+                Some((f, _, _)) => e.files = Some(Arc::new(f)),
+                None => warn!(path = %e.file.path, "cache files vanished; fetching again"),
+            }
+        }
+        e.files.clone()
+    }
+
+    fn with_slot<T>(&self, cf: &CacheFile, i: u64, f: impl FnOnce(&Slot) -> T) -> Option<T> {
+        let inner = self.inner.lock();
+        inner
+            .files
+            .get(&cf.key)
+            .and_then(|e| e.slots.get(i as usize))
+            .map(f)
     }
 
     pub fn contains(&self, cf: &CacheFile, i: u64) -> bool {
-        let mut inner = self.inner.lock();
-        Self::slot(&mut inner, cf, i).is_some_and(|s| s.state == State::Present)
+        self.with_slot(cf, i, |s| s.state == State::Present)
+            .unwrap_or(false)
     }
 
     /// The first chunk at or after `from` that is not cached.
@@ -344,33 +443,60 @@ impl ChunkStore {
         (from..cf.n_chunks()).find(|&i| e.slots[i as usize].state != State::Present)
     }
 
+    /// Counts chunk `i` as read: prefetch may now evict it, and the window
+    /// has room again.
     pub fn mark_read(&self, cf: &CacheFile, i: u64) {
-        if let Some(s) = Self::slot(&mut self.inner.lock(), cf, i) {
-            s.read = true;
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        let Some(s) = inner
+            .files
+            .get_mut(&cf.key)
+            .and_then(|e| e.slots.get_mut(i as usize))
+        else {
+            return;
+        };
+        if s.read || s.state != State::Present {
+            return;
         }
+        s.read = true;
+        inner.unread -= cf.chunk_len(i);
+        drop(g);
+        self.room.notify_waiters();
     }
 
     /// Bytes `range` (relative to the chunk) of chunk `i`, if cached. A chunk
     /// restored from an earlier run is checked against its crc on first use.
     pub fn read(&self, cf: &CacheFile, i: u64, range: Range<u64>) -> Option<Bytes> {
-        let (verified, crc) = {
+        let (files, verified, crc, gen, was_unread) = {
             let mut inner = self.inner.lock();
-            let s = Self::slot(&mut inner, cf, i)?;
+            let len = cf.chunk_len(i);
+            let e = inner.files.get_mut(&cf.key)?;
+            let s = e.slots.get(i as usize)?;
             if s.state != State::Present {
                 return None;
             }
+            let files = self.files_of(cf.key, e)?;
+            let gen = e.gen;
+            let s = &mut e.slots[i as usize];
             s.pins += 1;
+            let was_unread = !s.read;
             s.read = true;
             let (old, verified, crc) = (s.tick, s.verified, s.crc);
+            if was_unread {
+                inner.unread -= len;
+            }
             let tick = inner.lru.touch((cf.key, i), old);
-            Self::slot(&mut inner, cf, i)?.tick = Some(tick);
-            (verified, crc)
+            inner.files.get_mut(&cf.key)?.slots[i as usize].tick = Some(tick);
+            (files, verified, crc, gen, was_unread)
         };
+        if was_unread {
+            self.room.notify_waiters();
+        }
         let base = cf.chunk_range(i).start;
         let out = if verified {
-            read_at(&cf.data, base + range.start, range.end - range.start).ok()
+            files.read(base + range.start, range.end - range.start).ok()
         } else {
-            match read_at(&cf.data, base, cf.chunk_len(i)) {
+            match files.read(base, cf.chunk_len(i)) {
                 Ok(whole) if crc32c::crc32c(&whole) == crc => {
                     Some(whole.slice(range.start as usize..range.end as usize))
                 }
@@ -381,20 +507,35 @@ impl ChunkStore {
                 }
             }
         };
+        drop(files);
         let mut inner = self.inner.lock();
-        let Some(s) = Self::slot(&mut inner, cf, i) else {
+        let Some(e) = inner.files.get_mut(&cf.key).filter(|e| e.gen == gen) else {
             return out;
         };
+        let s = &mut e.slots[i as usize];
         s.pins -= 1;
-        match out {
-            Some(_) => s.verified = true,
-            None => {
-                let victim = self.take(&mut inner, cf.key, i);
-                drop(inner);
-                self.evict(victim.into_iter().collect());
-            }
+        if out.is_some() {
+            s.verified = true;
+            return out;
         }
-        out
+        let exposed = e.exposed;
+        let plan = if exposed {
+            Plan {
+                retire: vec![cf.key],
+                ..Plan::default()
+            }
+        } else if s.pins == 0 {
+            Plan {
+                chunks: vec![(cf.key, i)],
+                ..Plan::default()
+            }
+        } else {
+            Plan::default()
+        };
+        let victims = self.apply(&mut inner, plan);
+        drop(inner);
+        self.punch(victims);
+        None
     }
 
     /// The whole of chunk `i`, if cached (and, after a restart, verified).
@@ -402,140 +543,348 @@ impl ChunkStore {
         self.read(cf, i, 0..cf.chunk_len(i))
     }
 
-    /// Removes a present, unpinned chunk from the accounting and returns it
-    /// for [`Self::evict`].
-    fn take(&self, inner: &mut Inner, key: u128, i: u64) -> Option<(Arc<CacheFile>, u64)> {
-        let e = inner.files.get_mut(&key)?;
-        let cf = e.cf.clone();
-        let s = e.slots.get_mut(i as usize)?;
-        if s.state != State::Present || s.pins > 0 {
-            return None;
-        }
-        s.state = State::Evicting;
-        let tick = s.tick.take();
-        if let Some(t) = tick {
-            inner.lru.remove(t);
-        }
-        inner.used -= cf.chunk_len(i);
-        inner.cached -= 1;
-        Some((cf, i))
+    fn window(&self, inner: &Inner) -> u64 {
+        self.cfg.prefetch_window.min(inner.capacity / 2)
     }
 
-    /// Chooses chunks to evict so that `need` more bytes fit, or `None`
-    /// (evicting nothing) if that is impossible.
-    fn pick_victims(
-        &self,
-        inner: &mut Inner,
-        need: u64,
-        prefetch: bool,
-    ) -> Option<Vec<(Arc<CacheFile>, u64)>> {
-        let cap = self.cfg.capacity;
-        if inner.used + need <= cap {
-            return Some(vec![]);
+    /// After the filesystem ran out of space, tries the configured capacity
+    /// again once in a while: others may have freed space since.
+    fn maybe_regrow(&self, inner: &mut Inner) {
+        let Some(at) = inner.shrunk_at else { return };
+        if at.elapsed() < REGROW_AFTER {
+            return;
         }
-        let mut chosen = vec![];
-        let mut freed = 0;
-        for (_, (key, i)) in inner.lru.oldest() {
-            let e = &inner.files[&key];
-            let s = &e.slots[i as usize];
-            if s.pins > 0 || e.whole_pins > 0 || (prefetch && !s.read) {
-                continue;
-            }
-            chosen.push((key, i));
-            freed += e.cf.chunk_len(i);
-            if inner.used - freed + need <= cap {
-                break;
-            }
+        let free = self.dir.available().unwrap_or(0);
+        let cap = self
+            .cfg
+            .capacity
+            .min(inner.used + free.saturating_sub(self.cfg.chunk_size));
+        if cap > inner.capacity {
+            info!(capacity = %ByteSize(cap), "cache filesystem has room again");
+            inner.capacity = cap;
         }
-        if inner.used - freed + need > cap {
-            return None;
-        }
-        let victims: Vec<_> = chosen
-            .into_iter()
-            .filter_map(|(k, i)| self.take(inner, k, i))
-            .collect();
-        add(&self.stats.chunks_evicted, victims.len() as u64);
-        Some(victims)
+        inner.shrunk_at = (inner.capacity < self.cfg.capacity).then(Instant::now);
     }
 
-    /// Frees the blocks of chunks already taken out of the accounting.
-    fn evict(&self, victims: Vec<(Arc<CacheFile>, u64)>) {
-        for (cf, i) in &victims {
-            if let Err(e) = cf.index.set(*i, None) {
-                warn!("cache index {}: {e}", cf.data_path.display());
-            }
-            punch_hole(&cf.data, cf.chunk_range(*i));
-            debug!(path = %cf.file.path, chunk = i, "evicted");
-        }
-        let mut inner = self.inner.lock();
-        for (cf, i) in victims {
-            if let Some(s) = Self::slot(&mut inner, &cf, i) {
-                *s = EMPTY;
-            }
-        }
-    }
-
-    /// Stores chunk `i`. Prefetched chunks never evict chunks nobody has read.
-    pub fn insert(&self, cf: &CacheFile, i: u64, bytes: &[u8], prefetch: bool) -> Result<Insert> {
+    /// Room for chunk `i`, before anyone fetches it.
+    pub fn reserve(self: &Arc<Self>, cf: &CacheFile, i: u64, mode: Mode) -> Reserve {
         let len = cf.chunk_len(i);
-        if bytes.len() as u64 != len {
-            return Err(Error::Cache(format!(
-                "{} chunk {i}: {} bytes where {len} were expected",
-                cf.file.path,
-                bytes.len()
-            )));
-        }
-        let victims = {
-            let mut inner = self.inner.lock();
-            match Self::slot(&mut inner, cf, i) {
-                Some(s) if s.state == State::Absent => {}
-                Some(_) => return Ok(Insert::Skipped),
-                None => return Err(Error::Cache(format!("{}: not open", cf.file.path))),
-            }
-            let Some(victims) = self.pick_victims(&mut inner, len, prefetch) else {
-                return Ok(Insert::NoRoom);
-            };
-            inner.used += len;
-            if let Some(s) = Self::slot(&mut inner, cf, i) {
-                s.state = State::Writing;
-            }
-            victims
-        };
-        self.evict(victims);
-        let crc = crc32c::crc32c(bytes);
-        let written = cf
-            .data
-            .write_all_at(bytes, cf.chunk_range(i).start)
-            .and_then(|()| cf.index.set(i, Some(crc)));
         let mut inner = self.inner.lock();
-        if let Err(e) = written {
-            inner.used -= len;
-            if let Some(s) = Self::slot(&mut inner, cf, i) {
-                *s = EMPTY;
-            }
-            return Err(Error::io(
-                format!("writing cache file {}", cf.data_path.display()),
-                e,
-            ));
+        self.maybe_regrow(&mut inner);
+        let (gen, absent) = match inner.files.get(&cf.key) {
+            Some(e) => (
+                e.gen,
+                e.slots
+                    .get(i as usize)
+                    .is_some_and(|s| s.state == State::Absent),
+            ),
+            None => return Reserve::Busy,
+        };
+        if !absent {
+            return Reserve::Busy;
         }
-        let tick = inner.lru.touch((cf.key, i), None);
+        let prefetch = mode == Mode::Prefetch;
+        if prefetch && inner.unread + len > self.window(&inner) {
+            return Reserve::NoRoom;
+        }
+        let Some(plan) = self.plan(&inner, len, mode, Some(cf.key)) else {
+            return Reserve::NoRoom;
+        };
+        let victims = self.apply(&mut inner, plan);
+        inner.used += len;
+        if prefetch {
+            inner.unread += len;
+        }
+        if let Some(e) = inner.files.get_mut(&cf.key) {
+            e.slots[i as usize].state = State::Writing;
+        }
+        drop(inner);
+        self.punch(victims);
+        Reserve::Room(Reservation {
+            store: self.clone(),
+            key: cf.key,
+            i,
+            gen,
+            len,
+            prefetch,
+            done: false,
+        })
+    }
+
+    /// Stores the bytes of a reserved chunk. `false` if they could not be
+    /// kept (the caller still has them to serve).
+    pub fn commit(&self, mut r: Reservation, bytes: &[u8]) -> bool {
+        if bytes.len() as u64 != r.len {
+            warn!(
+                chunk = r.i,
+                "{} bytes where {} were expected; not cached",
+                bytes.len(),
+                r.len
+            );
+            return false;
+        }
+        let crc = crc32c::crc32c(bytes);
+        let (files, range) = {
+            let mut inner = self.inner.lock();
+            let Some(e) = inner.files.get_mut(&r.key).filter(|e| e.gen == r.gen) else {
+                return false;
+            };
+            let range = {
+                let start = r.i * self.cfg.chunk_size;
+                start..start + r.len
+            };
+            if !e.on_disk {
+                let header = Header {
+                    chunk_size: self.cfg.chunk_size,
+                    file: e.file.clone(),
+                };
+                match Files::create(&self.dir, r.key, &header) {
+                    Ok(f) => {
+                        e.files = Some(Arc::new(f));
+                        e.on_disk = true;
+                    }
+                    Err(err) => {
+                        let path = e.file.path.clone();
+                        self.write_failed(&mut inner, &path, &err, r.len);
+                        return false;
+                    }
+                }
+            }
+            let Some(files) = self.files_of(r.key, e) else {
+                return false;
+            };
+            (files, range)
+        };
+        let written = files.write_chunk(r.i, range, bytes, crc);
+        let mut inner = self.inner.lock();
+        if let Err(err) = written {
+            let path = inner
+                .files
+                .get(&r.key)
+                .map(|e| e.file.path.clone())
+                .unwrap_or_default();
+            self.write_failed(&mut inner, &path, &err, r.len);
+            return false;
+        }
+        let Some(e) = inner.files.get_mut(&r.key).filter(|e| e.gen == r.gen) else {
+            return false;
+        };
+        e.present_bytes += r.len;
+        let tick = inner.lru.touch((r.key, r.i), None);
         inner.cached += 1;
-        if let Some(s) = Self::slot(&mut inner, cf, i) {
+        if let Some(s) = inner
+            .files
+            .get_mut(&r.key)
+            .and_then(|e| e.slots.get_mut(r.i as usize))
+        {
             *s = Slot {
                 state: State::Present,
                 crc,
                 verified: true,
-                read: !prefetch,
+                read: !r.prefetch,
                 pins: 0,
                 tick: Some(tick),
             };
         }
+        r.done = true;
         add(&self.stats.chunks_inserted, 1);
-        Ok(Insert::Stored)
+        true
+    }
+
+    /// A write to the cache failed: the chunk is served uncached, and when
+    /// the filesystem is full the cache shrinks to what it could hold.
+    fn write_failed(&self, inner: &mut Inner, path: &str, err: &io::Error, len: u64) {
+        add(&self.stats.cache_write_errors, 1);
+        if out_of_space(err) {
+            let cap = inner.used.saturating_sub(len);
+            if cap < inner.capacity {
+                warn!(
+                    capacity = %ByteSize(cap),
+                    "cache dir {} is full ({err}); using less of it and serving {path} uncached",
+                    self.cfg.dir.display()
+                );
+                inner.capacity = cap;
+            }
+            inner.shrunk_at = Some(Instant::now());
+        } else {
+            warn!("cannot write {path} to the cache ({err}); serving it uncached");
+        }
+    }
+
+    fn release(&self, r: &Reservation) {
+        let mut inner = self.inner.lock();
+        inner.used -= r.len;
+        if r.prefetch {
+            inner.unread -= r.len;
+        }
+        if let Some(e) = inner.files.get_mut(&r.key).filter(|e| e.gen == r.gen) {
+            if let Some(s) = e.slots.get_mut(r.i as usize) {
+                if s.state == State::Writing {
+                    *s = EMPTY;
+                }
+            }
+        }
+        self.forget_if_empty(&mut inner, r.key);
+        drop(inner);
+        self.room.notify_waiters();
+    }
+
+    /// Chooses chunks whose eviction makes `need` more bytes fit, or `None`
+    /// if that is impossible. Readers' chunks go first; prefetch never
+    /// evicts a chunk nobody has read. An exposed file goes whole.
+    fn plan(&self, inner: &Inner, need: u64, mode: Mode, keep: Option<u128>) -> Option<Plan> {
+        let cap = inner.capacity;
+        let fits = |freed: u64| inner.used.saturating_sub(freed) + need <= cap;
+        let mut plan = Plan::default();
+        let mut freed = 0;
+        if fits(0) {
+            return Some(plan);
+        }
+        let mut taken: HashSet<(u128, u64)> = HashSet::new();
+        let passes: &[bool] = match mode {
+            Mode::Read => &[true, false],
+            Mode::Prefetch => &[true],
+        };
+        'passes: for &read_only in passes {
+            for (_, (key, i)) in inner.lru.oldest() {
+                if fits(freed) {
+                    break 'passes;
+                }
+                let e = &inner.files[&key];
+                let s = &e.slots[i as usize];
+                if e.whole_pins > 0 || (read_only && !s.read) || taken.contains(&(key, i)) {
+                    continue;
+                }
+                if e.exposed {
+                    if Some(key) == keep
+                        || plan.retire.contains(&key)
+                        || (mode == Mode::Prefetch && e.unread_present())
+                    {
+                        continue;
+                    }
+                    plan.retire.push(key);
+                    freed += e.present_bytes;
+                } else if s.pins == 0 {
+                    taken.insert((key, i));
+                    plan.chunks.push((key, i));
+                    freed += e.chunk_len(self.cfg.chunk_size, i);
+                }
+            }
+        }
+        fits(freed).then_some(plan)
+    }
+
+    /// Takes the planned chunks out of the accounting and retires exposed
+    /// files (under the lock, so their names are free before anyone reuses
+    /// them). The chunks' blocks are freed by [`Self::punch`].
+    fn apply(&self, inner: &mut Inner, plan: Plan) -> Vec<Victim> {
+        let cs = self.cfg.chunk_size;
+        let mut evicted = 0;
+        for key in plan.retire {
+            let Some(e) = inner.files.get_mut(&key) else {
+                continue;
+            };
+            let mut ticks = vec![];
+            let (mut unread, mut chunks) = (0, 0);
+            for (i, s) in e.slots.iter().enumerate() {
+                if s.state == State::Present {
+                    ticks.extend(s.tick);
+                    chunks += 1;
+                    if !s.read {
+                        unread += e.chunk_len(cs, i as u64);
+                    }
+                }
+            }
+            let bytes = e.present_bytes;
+            let files = self.files_of(key, e);
+            e.gen += 1;
+            e.slots = vec![EMPTY; e.slots.len()];
+            e.present_bytes = 0;
+            e.exposed = false;
+            e.on_disk = false;
+            e.files = None;
+            disk::remove(&self.dir, key);
+            debug!(path = %e.file.path, "retired a cache file that may be mapped");
+            if let Some(f) = &files {
+                self.retired.add(f, bytes);
+            }
+            for t in ticks {
+                inner.lru.remove(t);
+            }
+            inner.used -= bytes;
+            inner.unread -= unread;
+            inner.cached -= chunks;
+            evicted += chunks;
+            self.forget_if_empty(inner, key);
+        }
+        let mut victims = vec![];
+        for (key, i) in plan.chunks {
+            let Some(e) = inner.files.get_mut(&key) else {
+                continue;
+            };
+            let len = e.chunk_len(cs, i);
+            let files = self.files_of(key, e);
+            let s = &mut e.slots[i as usize];
+            if s.state != State::Present || s.pins > 0 {
+                continue;
+            }
+            s.state = State::Evicting;
+            let (tick, unread) = (s.tick.take(), !s.read);
+            e.present_bytes -= len;
+            let gen = e.gen;
+            if let Some(t) = tick {
+                inner.lru.remove(t);
+            }
+            inner.used -= len;
+            inner.cached -= 1;
+            if unread {
+                inner.unread -= len;
+            }
+            evicted += 1;
+            let start = i * cs;
+            victims.push(Victim {
+                files,
+                key,
+                gen,
+                i,
+                range: start..start + len,
+            });
+        }
+        add(&self.stats.chunks_evicted, evicted);
+        victims
+    }
+
+    /// Frees the blocks of chunks already taken out of the accounting.
+    fn punch(&self, victims: Vec<Victim>) {
+        if victims.is_empty() {
+            return;
+        }
+        for v in &victims {
+            if let Some(f) = &v.files {
+                if let Err(e) = f.evict(v.i, v.range.clone()) {
+                    warn!("cannot free cache space in {}: {e}", self.cfg.dir.display());
+                }
+            }
+        }
+        let mut inner = self.inner.lock();
+        for v in victims {
+            if let Some(e) = inner.files.get_mut(&v.key).filter(|e| e.gen == v.gen) {
+                e.slots[v.i as usize] = EMPTY;
+            }
+            self.forget_if_empty(&mut inner, v.key);
+        }
+        drop(inner);
+        self.room.notify_waiters();
+    }
+
+    /// Waits until room may have appeared, or `timeout`.
+    pub async fn room_changed(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.room.notified()).await;
     }
 
     /// If every chunk of `cf` is cached and verified, pins them all and
-    /// returns the data file, for the kernel to read directly.
+    /// returns the data file, for the kernel to read directly. From then on
+    /// the file is never punched: a mapping of it may outlive every handle.
     pub fn pin_whole(self: &Arc<Self>, cf: &Arc<CacheFile>) -> Option<WholeFilePin> {
         let unverified: Vec<u64> = {
             let inner = self.inner.lock();
@@ -550,27 +899,37 @@ impl ChunkStore {
         for i in unverified {
             self.read_chunk(cf, i)?;
         }
-        let mut inner = self.inner.lock();
-        let e = inner.files.get_mut(&cf.key)?;
-        if e.slots
-            .iter()
-            .any(|s| s.state != State::Present || !s.verified)
-        {
-            return None;
-        }
-        e.whole_pins += 1;
-        drop(inner);
-        match File::open(&cf.data_path) {
+        let files = {
+            let mut inner = self.inner.lock();
+            let e = inner.files.get_mut(&cf.key)?;
+            if e.slots
+                .iter()
+                .any(|s| s.state != State::Present || !s.verified)
+            {
+                return None;
+            }
+            let files = self.files_of(cf.key, e)?;
+            e.whole_pins += 1;
+            e.exposed = true;
+            let mut unread = 0;
+            let cs = self.cfg.chunk_size;
+            for i in 0..e.slots.len() {
+                if !e.slots[i].read {
+                    e.slots[i].read = true;
+                    unread += e.chunk_len(cs, i as u64);
+                }
+            }
+            inner.unread -= unread;
+            files
+        };
+        match reopen_read_only(&files.data) {
             Ok(file) => Some(WholeFilePin {
                 store: self.clone(),
                 cf: cf.clone(),
                 file,
             }),
             Err(e) => {
-                warn!(
-                    "cannot open {} for passthrough: {e}",
-                    cf.data_path.display()
-                );
+                warn!("cannot hand {} to passthrough: {e}", cf.file.path);
                 self.unpin_whole(cf);
                 None
             }
@@ -578,9 +937,12 @@ impl ChunkStore {
     }
 
     fn unpin_whole(&self, cf: &CacheFile) {
-        if let Some(e) = self.inner.lock().files.get_mut(&cf.key) {
+        let mut inner = self.inner.lock();
+        if let Some(e) = inner.files.get_mut(&cf.key) {
             e.whole_pins -= 1;
         }
+        drop(inner);
+        self.room.notify_waiters();
     }
 
     /// (bytes used, chunks cached)
@@ -589,15 +951,20 @@ impl ChunkStore {
         (inner.used, inner.cached)
     }
 
+    /// (capacity in force, bytes prefetched and not read yet)
+    pub fn pressure(&self) -> (u64, u64) {
+        let inner = self.inner.lock();
+        (inner.capacity, inner.unread)
+    }
+
+    /// Bytes of evicted files that a process may still map.
+    pub fn retired_bytes(&self) -> u64 {
+        self.retired.bytes()
+    }
+
     pub fn config(&self) -> &CacheConfig {
         &self.cfg
     }
-}
-
-fn read_at(f: &File, offset: u64, len: u64) -> std::io::Result<Bytes> {
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact_at(&mut buf, offset)?;
-    Ok(Bytes::from(buf))
 }
 
 /// Every chunk of one cache file, held in place while the kernel reads the
@@ -605,191 +972,12 @@ fn read_at(f: &File, offset: u64, len: u64) -> std::io::Result<Bytes> {
 pub struct WholeFilePin {
     store: Arc<ChunkStore>,
     cf: Arc<CacheFile>,
-    pub file: File,
+    /// The data file, opened read-only, for the kernel to read.
+    pub file: std::fs::File,
 }
 
 impl Drop for WholeFilePin {
     fn drop(&mut self) {
         self.store.unpin_whole(&self.cf);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fv(path: &str, size: u64) -> FileVersion {
-        FileVersion {
-            path: path.into(),
-            version: "v1".into(),
-            size,
-        }
-    }
-
-    fn store(dir: &Path, capacity: u64) -> Arc<ChunkStore> {
-        ChunkStore::open(
-            CacheConfig {
-                dir: dir.to_path_buf(),
-                capacity,
-                chunk_size: 4,
-                source_id: "test".into(),
-            },
-            Arc::default(),
-        )
-        .unwrap()
-    }
-
-    fn chunk(i: u64, len: usize) -> Vec<u8> {
-        (0..len)
-            .map(|b| (i as u8).wrapping_mul(31) ^ b as u8)
-            .collect()
-    }
-
-    #[test]
-    fn reads_back_what_was_inserted() {
-        let d = tempfile::tempdir().unwrap();
-        let s = store(d.path(), 100);
-        let cf = s.file(&fv("a", 10)).unwrap();
-        assert_eq!(cf.n_chunks(), 3);
-        assert!(s.read(&cf, 0, 0..4).is_none());
-        for i in 0..3 {
-            let len = cf.chunk_len(i) as usize;
-            assert_eq!(
-                s.insert(&cf, i, &chunk(i, len), false).unwrap(),
-                Insert::Stored
-            );
-        }
-        assert_eq!(
-            s.insert(&cf, 1, &chunk(1, 4), false).unwrap(),
-            Insert::Skipped
-        );
-        assert_eq!(&s.read(&cf, 1, 1..3).unwrap()[..], &chunk(1, 4)[1..3]);
-        assert_eq!(&s.read(&cf, 2, 0..2).unwrap()[..], &chunk(2, 2)[..]);
-        assert_eq!(s.usage(), (10, 3));
-        assert!(
-            s.insert(&cf, 0, &[1, 2], false).is_err(),
-            "wrong length is refused"
-        );
-    }
-
-    #[test]
-    fn evicts_least_recently_used_and_respects_pins() {
-        let d = tempfile::tempdir().unwrap();
-        let s = store(d.path(), 8);
-        let cf = s.file(&fv("a", 16)).unwrap();
-        s.insert(&cf, 0, &chunk(0, 4), false).unwrap();
-        s.insert(&cf, 1, &chunk(1, 4), false).unwrap();
-        s.read(&cf, 0, 0..4).unwrap(); // chunk 1 is now the oldest
-        s.insert(&cf, 2, &chunk(2, 4), false).unwrap();
-        assert!(s.contains(&cf, 0) && !s.contains(&cf, 1) && s.contains(&cf, 2));
-        assert_eq!(s.usage(), (8, 2));
-        assert_eq!(
-            s.stats
-                .chunks_evicted
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
-
-        // Files pinned whole for passthrough cannot lose chunks.
-        let b = s.file(&fv("b", 4)).unwrap();
-        let c = s.file(&fv("c", 4)).unwrap();
-        s.insert(&b, 0, &chunk(9, 4), false).unwrap();
-        s.insert(&c, 0, &chunk(5, 4), false).unwrap();
-        let pins = (s.pin_whole(&b).unwrap(), s.pin_whole(&c).unwrap());
-        assert_eq!(
-            s.insert(&cf, 3, &chunk(3, 4), false).unwrap(),
-            Insert::NoRoom
-        );
-        assert!(s.contains(&b, 0) && s.contains(&c, 0));
-        drop(pins);
-        assert_eq!(
-            s.insert(&cf, 3, &chunk(3, 4), false).unwrap(),
-            Insert::Stored
-        );
-        assert!(!s.contains(&b, 0), "b was the least recently used");
-    }
-
-    #[test]
-    fn prefetch_never_evicts_unread_chunks() {
-        let d = tempfile::tempdir().unwrap();
-        let s = store(d.path(), 8);
-        let cf = s.file(&fv("a", 16)).unwrap();
-        s.insert(&cf, 0, &chunk(0, 4), true).unwrap();
-        s.insert(&cf, 1, &chunk(1, 4), true).unwrap();
-        assert_eq!(
-            s.insert(&cf, 2, &chunk(2, 4), true).unwrap(),
-            Insert::NoRoom
-        );
-        s.read(&cf, 0, 0..4).unwrap();
-        assert_eq!(
-            s.insert(&cf, 2, &chunk(2, 4), true).unwrap(),
-            Insert::Stored
-        );
-        assert!(!s.contains(&cf, 0) && s.contains(&cf, 1));
-        // A demand read may evict anything unpinned.
-        assert_eq!(
-            s.insert(&cf, 3, &chunk(3, 4), false).unwrap(),
-            Insert::Stored
-        );
-    }
-
-    #[test]
-    fn restart_reuses_chunks_and_drops_corrupt_ones() {
-        let d = tempfile::tempdir().unwrap();
-        let f = fv("m/model.safetensors", 12);
-        {
-            let s = store(d.path(), 100);
-            let cf = s.file(&f).unwrap();
-            for i in 0..3 {
-                s.insert(&cf, i, &chunk(i, 4), false).unwrap();
-            }
-            // A second process cannot take the same dir.
-            let e = ChunkStore::open(s.cfg.clone(), Arc::default())
-                .err()
-                .unwrap();
-            assert!(e.to_string().contains("in use by another modelfs"), "{e}");
-        }
-        let s = store(d.path(), 100);
-        assert_eq!(s.usage(), (12, 3));
-        let cf = s.file(&f).unwrap();
-        // Corrupt chunk 1 on disk behind the store's back.
-        cf.data.write_all_at(b"XXXX", 4).unwrap();
-        assert_eq!(&s.read(&cf, 0, 0..4).unwrap()[..], &chunk(0, 4)[..]);
-        assert!(s.read(&cf, 1, 0..4).is_none());
-        assert_eq!(
-            s.stats
-                .crc_failures
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
-        assert!(!s.contains(&cf, 1));
-        assert!(
-            s.pin_whole(&cf).is_none(),
-            "a hole is never handed to passthrough"
-        );
-        s.insert(&cf, 1, &chunk(1, 4), false).unwrap();
-        assert!(s.pin_whole(&cf).is_some());
-
-        // Another version of the file is another cache file.
-        let newer = FileVersion {
-            version: "v2".into(),
-            ..f
-        };
-        let cf2 = s.file(&newer).unwrap();
-        assert!(!s.contains(&cf2, 0));
-    }
-
-    #[test]
-    fn shrinking_capacity_on_restart_evicts() {
-        let d = tempfile::tempdir().unwrap();
-        {
-            let s = store(d.path(), 100);
-            let cf = s.file(&fv("a", 16)).unwrap();
-            for i in 0..4 {
-                s.insert(&cf, i, &chunk(i, 4), false).unwrap();
-            }
-        }
-        let s = store(d.path(), 8);
-        assert_eq!(s.usage(), (8, 2));
     }
 }

@@ -1,0 +1,110 @@
+//! One version of one source file on disk: a sparse data file the size of
+//! the source file and its index. Opened only while someone uses it, so a
+//! cache of many files does not hold a descriptor per file.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use bytes::Bytes;
+
+use super::dir::CacheDir;
+use super::index::{Header, Index, Present};
+
+pub struct Files {
+    pub data: File,
+    index: Index,
+}
+
+pub fn data_name(key: u128) -> String {
+    format!("{key:032x}.data")
+}
+
+pub fn index_name(key: u128) -> String {
+    format!("{key:032x}.idx")
+}
+
+/// Unlinks both files; a process that maps the data file keeps its bytes.
+pub fn remove(dir: &CacheDir, key: u128) {
+    dir.remove(&index_name(key));
+    dir.remove(&data_name(key));
+}
+
+impl Files {
+    pub fn create(dir: &CacheDir, key: u128, header: &Header) -> io::Result<Files> {
+        let made = (|| {
+            let data = dir.create_file(&data_name(key))?;
+            data.set_len(header.file.size)?;
+            let index = Index::create(dir.create_file(&index_name(key))?, header)?;
+            Ok(Files { data, index })
+        })();
+        if made.is_err() {
+            remove(dir, key);
+        }
+        made
+    }
+
+    /// Opens the files of `key` and what their index says; `None` if they
+    /// are missing, not ours, or do not match each other.
+    pub fn open(dir: &CacheDir, key: u128) -> Option<(Files, Header, Vec<Present>)> {
+        let (index, header, present) =
+            Index::load(dir.open_file(&index_name(key)).ok()?).ok()??;
+        let data = dir.open_file(&data_name(key)).ok()?;
+        let meta = data.metadata().ok()?;
+        if !meta.is_file() || meta.len() != header.file.size {
+            return None;
+        }
+        Some((Files { data, index }, header, present))
+    }
+
+    pub fn read(&self, offset: u64, len: u64) -> io::Result<Bytes> {
+        let mut buf = vec![0u8; len as usize];
+        self.data.read_exact_at(&mut buf, offset)?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Writes a chunk, then its index entry, so the index never claims bytes
+    /// that are not there. A failed write leaves no allocated bytes behind.
+    pub fn write_chunk(&self, i: u64, range: Range<u64>, bytes: &[u8], crc: u32) -> io::Result<()> {
+        let r = self
+            .data
+            .write_all_at(bytes, range.start)
+            .and_then(|()| self.index.set(i, Some(crc)));
+        if r.is_err() {
+            let _ = self.index.set(i, None);
+            let _ = self.punch(range);
+        }
+        r
+    }
+
+    /// Forgets chunk `i` in the index, then frees its blocks.
+    pub fn evict(&self, i: u64, range: Range<u64>) -> io::Result<()> {
+        self.index.set(i, None)?;
+        self.punch(range)
+    }
+
+    fn punch(&self, range: Range<u64>) -> io::Result<()> {
+        // SAFETY: fallocate on an fd we own; it only deallocates blocks and
+        // keeps the file's size.
+        let rc = unsafe {
+            libc::fallocate(
+                self.data.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                range.start as i64,
+                (range.end - range.start) as i64,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// (device, inode) of the data file, as /proc/PID/maps shows mappings.
+    pub fn id(&self) -> Option<(u64, u64)> {
+        let m = self.data.metadata().ok()?;
+        Some((m.dev(), m.ino()))
+    }
+}

@@ -1,0 +1,354 @@
+//! The chunk store on its own: accounting, eviction, restarts, and bytes
+//! under a mapping that outlives its pin.
+
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use super::*;
+use crate::FileVersion;
+
+const CS: u64 = 4096;
+
+fn fv(path: &str, size: u64) -> FileVersion {
+    FileVersion {
+        path: path.into(),
+        version: "v1".into(),
+        size,
+    }
+}
+
+fn open(dir: &Path, capacity: u64, window: u64) -> crate::Result<Arc<ChunkStore>> {
+    ChunkStore::open(
+        CacheConfig {
+            dir: dir.to_path_buf(),
+            capacity,
+            chunk_size: CS,
+            source_id: "test".into(),
+            prefetch_window: window,
+        },
+        Arc::default(),
+    )
+}
+
+fn store(dir: &Path, capacity: u64) -> Arc<ChunkStore> {
+    open(dir, capacity, u64::MAX).unwrap()
+}
+
+fn chunk(f: &CacheFile, i: u64) -> Vec<u8> {
+    let seed = xxhash_rust::xxh3::xxh3_64(f.file.path.as_bytes());
+    (0..f.chunk_len(i))
+        .map(|b| (seed as u8) ^ (i as u8).wrapping_mul(31) ^ (b as u8))
+        .collect()
+}
+
+/// Reserves and stores chunk `i`; `None` when there was no room.
+fn put(s: &Arc<ChunkStore>, f: &CacheFile, i: u64, mode: Mode) -> Option<bool> {
+    match s.reserve(f, i, mode) {
+        Reserve::Room(r) => Some(s.commit(r, &chunk(f, i))),
+        Reserve::Busy => Some(false),
+        Reserve::NoRoom => None,
+    }
+}
+
+fn evicted(s: &ChunkStore) -> u64 {
+    s.stats.chunks_evicted.load(Relaxed)
+}
+
+#[test]
+fn reads_back_what_was_stored() {
+    let d = tempfile::tempdir().unwrap();
+    let s = store(d.path(), 100 * CS);
+    let f = s.file(&fv("a", 2 * CS + 10));
+    assert_eq!(f.n_chunks(), 3);
+    assert!(s.read(&f, 0, 0..4).is_none());
+    for i in 0..3 {
+        assert_eq!(put(&s, &f, i, Mode::Read), Some(true));
+    }
+    assert!(matches!(s.reserve(&f, 1, Mode::Read), Reserve::Busy));
+    assert_eq!(&s.read(&f, 1, 1..3).unwrap()[..], &chunk(&f, 1)[1..3]);
+    assert_eq!(&s.read_chunk(&f, 2).unwrap()[..], &chunk(&f, 2)[..]);
+    assert_eq!(s.usage(), (2 * CS + 10, 3));
+    let Reserve::Room(r) = s.reserve(&f, 0, Mode::Read) else {
+        // Chunk 0 is present; reserving it again is refused.
+        let g = s.file(&fv("b", CS));
+        let Reserve::Room(r) = s.reserve(&g, 0, Mode::Read) else {
+            panic!("room expected")
+        };
+        assert!(!s.commit(r, &[1, 2]), "a wrong length is refused");
+        assert_eq!(s.usage(), (2 * CS + 10, 3), "and its room given back");
+        return;
+    };
+    drop(r);
+    panic!("chunk 0 was present");
+}
+
+#[test]
+fn evicts_least_recently_used_and_respects_whole_pins() {
+    let d = tempfile::tempdir().unwrap();
+    let s = store(d.path(), 2 * CS);
+    let f = s.file(&fv("a", 4 * CS));
+    put(&s, &f, 0, Mode::Read).unwrap();
+    put(&s, &f, 1, Mode::Read).unwrap();
+    s.read(&f, 0, 0..4).unwrap(); // chunk 1 is now the oldest
+    put(&s, &f, 2, Mode::Read).unwrap();
+    assert!(s.contains(&f, 0) && !s.contains(&f, 1) && s.contains(&f, 2));
+    assert_eq!((s.usage(), evicted(&s)), ((2 * CS, 2), 1));
+
+    // Files pinned whole for passthrough cannot lose chunks.
+    let b = s.file(&fv("b", CS));
+    let c = s.file(&fv("c", CS));
+    put(&s, &b, 0, Mode::Read).unwrap();
+    put(&s, &c, 0, Mode::Read).unwrap();
+    let pins = (s.pin_whole(&b).unwrap(), s.pin_whole(&c).unwrap());
+    assert_eq!(put(&s, &f, 3, Mode::Read), None);
+    assert!(s.contains(&b, 0) && s.contains(&c, 0));
+    drop(pins);
+    assert_eq!(put(&s, &f, 3, Mode::Read), Some(true));
+    assert!(!s.contains(&b, 0), "b was the least recently used");
+}
+
+#[test]
+fn prefetch_never_evicts_unread_chunks_and_stays_in_its_window() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path(), 4 * CS, 2 * CS).unwrap();
+    let f = s.file(&fv("a", 8 * CS));
+    assert_eq!(put(&s, &f, 0, Mode::Prefetch), Some(true));
+    assert_eq!(put(&s, &f, 1, Mode::Prefetch), Some(true));
+    assert_eq!(put(&s, &f, 2, Mode::Prefetch), None, "the window is full");
+    assert_eq!(s.pressure().1, 2 * CS);
+    s.read(&f, 0, 0..4).unwrap();
+    assert_eq!(put(&s, &f, 2, Mode::Prefetch), Some(true));
+    s.mark_read(&f, 1);
+    assert_eq!(put(&s, &f, 3, Mode::Prefetch), Some(true));
+    // Full of chunks: 0 and 1 read, 2 and 3 not. Prefetch evicts only read ones.
+    s.read(&f, 2, 0..4).unwrap();
+    // LRU order is now 1, 0, 3, 2 (mark_read is no use).
+    assert_eq!(put(&s, &f, 4, Mode::Prefetch), Some(true));
+    assert!(!s.contains(&f, 1) && s.contains(&f, 0) && s.contains(&f, 3));
+    assert_eq!(
+        put(&s, &f, 5, Mode::Prefetch),
+        None,
+        "3 and 4 fill the window"
+    );
+    // A reader's miss may evict anything unpinned, read chunks first.
+    assert_eq!(put(&s, &f, 6, Mode::Read), Some(true));
+    assert!(!s.contains(&f, 0) && s.contains(&f, 3) && s.contains(&f, 4));
+    assert_eq!(put(&s, &f, 7, Mode::Read), Some(true));
+    assert!(!s.contains(&f, 2) && s.contains(&f, 3) && s.contains(&f, 4));
+    let g = s.file(&fv("b", 4 * CS));
+    for i in 0..4 {
+        assert_eq!(put(&s, &g, i, Mode::Read), Some(true));
+    }
+    assert!(
+        s.contains(&f, 3) && s.contains(&f, 4),
+        "read chunks go first"
+    );
+    assert_eq!(s.usage(), (4 * CS, 4));
+
+    // Unread ones go when nothing read is left.
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path(), 2 * CS, 2 * CS).unwrap();
+    let f = s.file(&fv("a", 4 * CS));
+    let g = s.file(&fv("g", CS));
+    put(&s, &g, 0, Mode::Read).unwrap();
+    let _pin = s.pin_whole(&g).unwrap();
+    put(&s, &f, 0, Mode::Prefetch).unwrap();
+    assert_eq!(s.pressure().1, CS);
+    assert_eq!(put(&s, &f, 2, Mode::Read), Some(true));
+    assert!(!s.contains(&f, 0));
+    assert_eq!(
+        s.pressure().1,
+        0,
+        "an unread chunk evicted is no longer counted"
+    );
+}
+
+#[test]
+fn a_restart_reuses_chunks_and_drops_corrupt_ones() {
+    let d = tempfile::tempdir().unwrap();
+    let v = fv("m/model.safetensors", 3 * CS);
+    {
+        let s = store(d.path(), 100 * CS);
+        let f = s.file(&v);
+        for i in 0..3 {
+            put(&s, &f, i, Mode::Read).unwrap();
+        }
+        let e = open(d.path(), 100 * CS, 0).err().unwrap();
+        assert!(e.to_string().contains("in use by another modelfs"), "{e}");
+    }
+    let s = store(d.path(), 100 * CS);
+    assert_eq!(s.usage(), (3 * CS, 3));
+    let f = s.file(&v);
+    // Corrupt chunk 1 on disk behind the store's back.
+    let name = d.path().join(super::disk::data_name(f.key));
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(name).unwrap(),
+        b"XXXX",
+        CS,
+    )
+    .unwrap();
+    assert_eq!(&s.read(&f, 0, 0..4).unwrap()[..], &chunk(&f, 0)[..4]);
+    assert!(s.read(&f, 1, 0..4).is_none());
+    assert_eq!(s.stats.crc_failures.load(Relaxed), 1);
+    // The restored file was complete, so an earlier run may have handed it
+    // to passthrough: it is retired whole rather than punched.
+    assert!(!s.contains(&f, 0) && s.usage() == (0, 0));
+    assert!(
+        s.pin_whole(&f).is_none(),
+        "a hole is never handed to passthrough"
+    );
+    for i in 0..3 {
+        assert_eq!(put(&s, &f, i, Mode::Read), Some(true));
+    }
+    assert_eq!(&s.read_chunk(&f, 1).unwrap()[..], &chunk(&f, 1)[..]);
+    assert!(s.pin_whole(&f).is_some());
+
+    let newer = s.file(&FileVersion {
+        version: "v2".into(),
+        ..v
+    });
+    assert!(
+        !s.contains(&newer, 0),
+        "another version is another cache file"
+    );
+}
+
+#[test]
+fn a_smaller_capacity_on_restart_evicts() {
+    let d = tempfile::tempdir().unwrap();
+    {
+        let s = store(d.path(), 100 * CS);
+        let f = s.file(&fv("a", 4 * CS + 1));
+        for i in 0..4 {
+            put(&s, &f, i, Mode::Read).unwrap();
+        }
+    }
+    let s = store(d.path(), 2 * CS);
+    assert_eq!(s.usage(), (2 * CS, 2));
+}
+
+#[test]
+fn a_mapping_outlives_eviction_of_its_file() {
+    let d = tempfile::tempdir().unwrap();
+    let s = store(d.path(), 4 * CS);
+    let f = s.file(&fv("mapped", 3 * CS));
+    for i in 0..3 {
+        put(&s, &f, i, Mode::Read).unwrap();
+    }
+    let want: Vec<u8> = (0..3).flat_map(|i| chunk(&f, i)).collect();
+    let pin = s.pin_whole(&f).unwrap();
+    // SAFETY: the store promises the file's bytes never change under a map.
+    let map = unsafe { memmap2::Mmap::map(&pin.file).unwrap() };
+    drop(pin);
+    drop(f);
+    // Fill the cache with another file twice over.
+    let g = s.file(&fv("other", 8 * CS));
+    for i in 0..8 {
+        assert_eq!(put(&s, &g, i, Mode::Read), Some(true));
+    }
+    assert!(map[..] == want[..], "a live mapping changed under eviction");
+    assert!(s.usage().0 <= 4 * CS);
+    assert_eq!(s.retired_bytes(), 3 * CS, "the mapped file is reported");
+    drop(map);
+    assert_eq!(s.retired_bytes(), 0, "and forgotten once unmapped");
+    // The next version of the file goes to a fresh data file.
+    let f = s.file(&fv("mapped", 3 * CS));
+    assert!(!s.contains(&f, 0));
+    assert_eq!(put(&s, &f, 0, Mode::Read), Some(true));
+    assert_eq!(&s.read_chunk(&f, 0).unwrap()[..], &chunk(&f, 0)[..]);
+}
+
+fn fds_in(dir: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(dir)))
+        .count()
+}
+
+#[test]
+fn files_nobody_holds_are_closed_and_their_chunks_stay() {
+    let d = tempfile::tempdir().unwrap();
+    let s = store(d.path(), 1000 * CS);
+    for n in 0..50 {
+        let f = s.file(&fv(&format!("f{n}"), CS));
+        put(&s, &f, 0, Mode::Read).unwrap();
+    }
+    assert_eq!(fds_in(d.path()), 2, "only the dir and its lock stay open");
+    assert_eq!(s.usage(), (50 * CS, 50));
+    let f = s.file(&fv("f7", CS));
+    assert_eq!(&s.read_chunk(&f, 0).unwrap()[..], &chunk(&f, 0)[..]);
+    drop(f);
+    assert_eq!(fds_in(d.path()), 2);
+    // Entries whose chunks are all evicted leave no files behind.
+    drop(s);
+    let s = store(d.path(), CS);
+    assert_eq!(s.usage().1, 1);
+    let names = std::fs::read_dir(d.path()).unwrap().count();
+    assert_eq!(names, 3, ".lock, and one .data and .idx");
+}
+
+/// A tmpfs of `size` bytes mounted on a fresh dir, unmounted on drop.
+struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    fn new(size: u64) -> SmallFs {
+        let d = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}")])
+            .arg("tmpfs")
+            .arg(d.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs (the tests run as root)");
+        SmallFs(d)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_filesystem_shrinks_the_cache_instead_of_failing() {
+    let fs = SmallFs::new(64 * CS);
+    let dir = fs.0.path().join("cache");
+    let e = open(&dir, 1000 * CS, u64::MAX).err().unwrap().to_string();
+    assert!(
+        e.contains("does not fit") && e.contains("--cache-size"),
+        "{e}"
+    );
+    let s = store(&dir, 32 * CS);
+    let f = s.file(&fv("a", 64 * CS));
+    for i in 0..16 {
+        assert_eq!(put(&s, &f, i, Mode::Read), Some(true));
+    }
+    // Someone else takes most of what is left.
+    std::fs::write(fs.0.path().join("filler"), vec![1u8; (44 * CS) as usize]).unwrap();
+    let mut kept = 0;
+    for i in 16..64 {
+        match put(&s, &f, i, Mode::Read) {
+            Some(true) => kept += 1,
+            Some(false) | None => {}
+        }
+    }
+    let (cap, _) = s.pressure();
+    assert!(cap < 32 * CS, "the capacity in force shrank to {cap}");
+    assert!(
+        kept > 0,
+        "the cache goes on within what the filesystem gives"
+    );
+    assert!(s.stats.cache_write_errors.load(Relaxed) > 0);
+    for i in 0..64 {
+        if let Some(b) = s.read_chunk(&f, i) {
+            assert!(b[..] == chunk(&f, i)[..], "chunk {i}");
+        }
+    }
+}
