@@ -58,7 +58,7 @@ impl CacheDir {
             .create(path)
             .map_err(|e| {
                 config(format!(
-                    "cannot be created ({e}); pass --cache-dir a writable directory"
+                    "is not writable (creating it: {e}); pass --cache-dir a writable directory"
                 ))
             })?;
         if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {

@@ -518,19 +518,15 @@ impl ChunkStore {
             s.verified = true;
             return out;
         }
-        let exposed = e.exposed;
-        let plan = if exposed {
-            Plan {
-                retire: vec![cf.key],
-                ..Plan::default()
-            }
-        } else if s.pins == 0 {
-            Plan {
-                chunks: vec![(cf.key, i)],
-                ..Plan::default()
-            }
-        } else {
-            Plan::default()
+        // A chunk that failed its check is wrong for any mapper already, so
+        // even in an exposed file it is punched and fetched again in place.
+        let plan = Plan {
+            chunks: if s.pins == 0 {
+                vec![(cf.key, i)]
+            } else {
+                vec![]
+            },
+            ..Plan::default()
         };
         let victims = self.apply(&mut inner, plan);
         drop(inner);

@@ -191,16 +191,12 @@ fn a_restart_reuses_chunks_and_drops_corrupt_ones() {
     assert_eq!(&s.read(&f, 0, 0..4).unwrap()[..], &chunk(&f, 0)[..4]);
     assert!(s.read(&f, 1, 0..4).is_none());
     assert_eq!(s.stats.crc_failures.load(Relaxed), 1);
-    // The restored file was complete, so an earlier run may have handed it
-    // to passthrough: it is retired whole rather than punched.
-    assert!(!s.contains(&f, 0) && s.usage() == (0, 0));
+    assert!(s.contains(&f, 0) && !s.contains(&f, 1));
     assert!(
         s.pin_whole(&f).is_none(),
         "a hole is never handed to passthrough"
     );
-    for i in 0..3 {
-        assert_eq!(put(&s, &f, i, Mode::Read), Some(true));
-    }
+    assert_eq!(put(&s, &f, 1, Mode::Read), Some(true));
     assert_eq!(&s.read_chunk(&f, 1).unwrap()[..], &chunk(&f, 1)[..]);
     assert!(s.pin_whole(&f).is_some());
 
@@ -351,4 +347,28 @@ fn a_full_filesystem_shrinks_the_cache_instead_of_failing() {
             assert!(b[..] == chunk(&f, i)[..], "chunk {i}");
         }
     }
+}
+
+#[test]
+fn a_complete_file_from_an_earlier_run_is_never_punched() {
+    let d = tempfile::tempdir().unwrap();
+    let v = fv("m", 3 * CS);
+    let name = {
+        let s = store(d.path(), 100 * CS);
+        let f = s.file(&v);
+        for i in 0..3 {
+            put(&s, &f, i, Mode::Read).unwrap();
+        }
+        d.path().join(super::disk::data_name(f.key))
+    };
+    // A process that outlived the earlier daemon still maps the file.
+    let map = unsafe { memmap2::Mmap::map(&std::fs::File::open(&name).unwrap()).unwrap() };
+    let want = map.to_vec();
+    let s = store(d.path(), 3 * CS);
+    let g = s.file(&fv("other", 3 * CS));
+    for i in 0..3 {
+        assert_eq!(put(&s, &g, i, Mode::Read), Some(true));
+    }
+    assert!(map[..] == want[..], "eviction changed a mapped file");
+    assert_eq!(s.retired_bytes(), 3 * CS);
 }
