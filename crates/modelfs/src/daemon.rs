@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
-use fuser::{Config, MountOption, Session, SessionACL};
+use fuser::{Config, Session, SessionACL};
 use modelfs_engine::size::ByteSize;
 use modelfs_engine::source::open_source;
 use modelfs_engine::{Engine, Error};
@@ -197,26 +197,19 @@ fn start(args: &MountArgs) -> Result<Mounted> {
     )?;
     group.serve(&engine, rt.handle())?;
     let fs = ModelFs::new(engine, rt.handle().clone(), SystemTime::now());
+    let dev = mountpoint::mount_fuse(&mp, source.id())?;
     let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName(source.id().to_string()),
-        MountOption::Subtype("modelfs".into()),
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::NoAtime,
-    ];
-    config.acl = SessionACL::All;
     config.n_threads = Some(args.threads.max(1));
     config.clone_fd = true;
-    let session = Session::new(fs, &mp, &config)
-        .with_context(|| {
-            format!(
-                "mounting on {} (needs root or fusermount3, and /dev/fuse)",
-                mp.display()
-            )
-        })?
-        .spawn()?;
+    // A session made from an fd never unmounts by itself, so a failed
+    // handshake must not leave a mount that nobody serves.
+    let session = match Session::from_fd(fs, dev, SessionACL::All, config).and_then(|s| s.spawn()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = mountpoint::lazy_unmount(&mp);
+            bail!("starting the FUSE session on {}: {e}", mp.display());
+        }
+    };
     if let Err(e) = mountpoint::set_readahead(&mp, args.read_ahead.0 / 1024) {
         warn!("readahead stays at the kernel default: {e:#}");
     }
