@@ -12,7 +12,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::fuse::STATS_XATTR;
-use crate::mountpoint::{lazy_unmount, mounted_at};
+use crate::mountpoint::{lazy_unmount, mounted_at, FSTYPE};
 
 pub fn read_stats(mp: &Path) -> Result<StatsSnapshot> {
     match xattr::get(mp, STATS_XATTR) {
@@ -84,9 +84,10 @@ pub fn unmount(mp: &Path) -> Result<()> {
     let abs = crate::mountpoint::absolute(mp)?;
     match mounted_at(&abs) {
         None => bail!("{} is not mounted", abs.display()),
-        Some(t) if !t.starts_with("fuse") => {
-            bail!("{} is a {t} mount, not modelfs", abs.display())
-        }
+        Some(t) if t != FSTYPE => bail!(
+            "{} is a {t} mount, not a modelfs mount; leaving it mounted (use `umount` for it)",
+            abs.display()
+        ),
         Some(_) => {}
     }
     if let Ok(s) = read_stats(&abs) {
