@@ -6,6 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use tracing::warn;
 
 /// Mount points as the kernel lists them for this process.
 fn mounts() -> Vec<(PathBuf, String)> {
@@ -57,9 +58,17 @@ pub fn absolute(path: &Path) -> Result<PathBuf> {
 }
 
 /// Refuses a mount point that is missing, not a directory, not empty, or
-/// already mounted; returns its absolute path.
+/// already mounted; returns its absolute path. A modelfs mount whose daemon
+/// died (kill -9, OOM) is detached first, so a restart needs no manual step.
 pub fn check(mountpoint: &Path) -> Result<PathBuf> {
     let abs = absolute(mountpoint)?;
+    // statfs always asks the daemon; stat may be answered from cached attributes.
+    if mounted_at(&abs).as_deref() == Some(FSTYPE)
+        && nix::sys::statfs::statfs(&abs).err() == Some(nix::errno::Errno::ENOTCONN)
+    {
+        warn!(mountpoint = %abs.display(), "detaching the mount of a modelfs daemon that is gone");
+        lazy_unmount(&abs)?;
+    }
     if let Some(fstype) = mounted_at(&abs) {
         bail!(
             "mount point {} is already mounted ({fstype}); run `modelfs unmount {}` or pick another directory",

@@ -105,3 +105,44 @@ fn unmount_detaches_a_modelfs_mount_whose_daemon_died() {
     );
     assert!(!is_mounted(&m.mp));
 }
+
+#[test]
+fn a_mount_over_a_killed_daemons_mount_point_succeeds() {
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), (3 << 20) + 17, 4);
+    let m = w.mount(&[]);
+    assert_same_file(&w.src().join("f.bin"), &m.path("f.bin"));
+    kill_daemon(&m);
+    let again = w.mount(&[]);
+    assert_eq!(fstype(&again.mp).as_deref(), Some("fuse.modelfs"));
+    assert_same_file(&w.src().join("f.bin"), &again.path("f.bin"));
+    drop(again);
+    assert!(
+        !is_mounted(&w.mnt()),
+        "a stale mount stayed under the new one"
+    );
+}
+
+#[test]
+fn a_live_mount_is_not_mounted_over() {
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), 5000, 5);
+    let m = w.mount(&[]);
+    let other = tempfile::Builder::new()
+        .prefix("modelfs-test-cache")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let out = run(&[
+        "mount",
+        w.src().to_str().unwrap(),
+        m.mp.to_str().unwrap(),
+        "--cache-dir",
+        other.path().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already mounted"),
+        "{err}"
+    );
+    assert_same_file(&w.src().join("f.bin"), &m.path("f.bin"));
+}
