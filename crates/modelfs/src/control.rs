@@ -15,8 +15,14 @@ use crate::fuse::STATS_XATTR;
 use crate::mountpoint::{lazy_unmount, mounted_at, FSTYPE};
 
 pub fn read_stats(mp: &Path) -> Result<StatsSnapshot> {
+    serde_json::from_slice(&read_raw(mp)?).context("reading modelfs statistics")
+}
+
+/// The statistics as the daemon wrote them, keys it adds (such as `inodes`,
+/// from the FUSE layer) included.
+fn read_raw(mp: &Path) -> Result<Vec<u8>> {
     match xattr::get(mp, STATS_XATTR) {
-        Ok(Some(raw)) => serde_json::from_slice(&raw).context("reading modelfs statistics"),
+        Ok(Some(raw)) => Ok(raw),
         Ok(None) => bail!("{} is not a modelfs mount", mp.display()),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
             "the modelfs daemon of {} is gone; run `modelfs unmount {}`",
@@ -31,11 +37,14 @@ pub fn read_stats(mp: &Path) -> Result<StatsSnapshot> {
 }
 
 pub fn stat(mp: &Path, json: bool) -> Result<()> {
-    let s = read_stats(mp)?;
+    let all: serde_json::Value =
+        serde_json::from_slice(&read_raw(mp)?).context("reading modelfs statistics")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
+    let inodes = all["inodes"].clone();
+    let s: StatsSnapshot = serde_json::from_value(all)?;
     let b = |n: u64| ByteSize(n).to_string();
     println!("source          {}", s.source);
     println!(
@@ -67,6 +76,7 @@ pub fn stat(mp: &Path, json: bool) -> Result<()> {
         "passthrough     {} ({} opens of {})",
         s.passthrough, s.passthrough_opens, s.opens
     );
+    println!("inodes          {inodes} held by the kernel");
     println!("served to peers {} chunks", s.chunks_served_to_peers);
     for (peer, c) in &s.peers {
         println!(

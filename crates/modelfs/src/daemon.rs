@@ -147,7 +147,38 @@ struct Mounted {
     mountpoint: PathBuf,
 }
 
+/// Raises the soft limit on open files to the hard one: a mount holds files
+/// of the cache, sockets and /dev/fuse fds, and a shell's soft limit (often
+/// 1024) is a guess made for interactive programs.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return warn!("reading the open files limit: {e}");
+    }
+    let soft = lim.rlim_cur;
+    if soft >= lim.rlim_max {
+        return info!(limit = soft, "open files limit");
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit only reads `lim`.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return warn!(limit = soft, "raising the open files limit: {e}");
+    }
+    info!(
+        from = soft,
+        to = lim.rlim_max,
+        "raised the open files limit"
+    );
+}
+
 fn start(args: &MountArgs) -> Result<Mounted> {
+    raise_open_files_limit();
     let mp = mountpoint::check(&args.mountpoint)?;
     let min = args.cache.chunk_size.0 * args.threads.max(1) as u64;
     if args.cache.cache_size.0 < min {

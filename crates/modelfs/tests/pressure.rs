@@ -146,3 +146,123 @@ fn a_live_mount_is_not_mounted_over() {
     );
     assert_same_file(&w.src().join("f.bin"), &m.path("f.bin"));
 }
+
+/// `count` files of 2 to 6 KiB, each its own bytes, spread over 20 dirs.
+fn many_small_files(src: &Path, count: u64) -> Vec<String> {
+    (0..count)
+        .map(|i| {
+            let rel = format!("d{:02}/f{i:05}.bin", i % 20);
+            write_file(&src.join(&rel), 2048 + (i as usize * 37) % 4096, 1000 + i);
+            rel
+        })
+        .collect()
+}
+
+/// Mounts with the daemon started under `limit` (a bash `ulimit` command).
+fn mount_under(w: &Work, limit: &str) -> Mount {
+    let out = Command::new("bash")
+        .args(["-c", &format!("{limit} && exec \"$0\" \"$@\""), bin()])
+        .args([
+            "mount",
+            w.src().to_str().unwrap(),
+            w.mnt().to_str().unwrap(),
+        ])
+        .arg("--cache-dir")
+        .arg(w.cache.path())
+        .args(["--cache-size", "2GiB"])
+        .output()
+        .unwrap();
+    // The guard first, so the mount comes down even if the check fails.
+    let m = Mount { mp: w.mnt() };
+    assert!(
+        out.status.success(),
+        "mount failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    m
+}
+
+/// (soft, hard) "Max open files" of a process.
+fn open_files_limit(pid: u64) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (f[3].to_string(), f[4].to_string())
+}
+
+fn fd_count(pid: u64) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn forgotten_inodes_leave_the_table_and_the_soft_fd_limit_is_raised() {
+    let w = Work::new();
+    let files = many_small_files(&w.src(), 2000);
+    let m = mount_under(&w, "ulimit -Sn 256");
+    let pid = m.stat_u64("pid");
+    let (soft, hard) = open_files_limit(pid);
+    assert_eq!(soft, hard, "the daemon keeps a soft limit of {soft}");
+    for rel in &files {
+        assert_same_file(&w.src().join(rel), &m.path(rel));
+    }
+    let known = m.stat_u64("inodes");
+    assert!(known > 2000, "{known} inodes after 2000 lookups");
+    let held = std::fs::File::open(m.path(&files[7])).unwrap();
+    // Reclaims every unused dentry and inode, as memory pressure would; the
+    // kernel then forgets the mount's inodes.
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    wait_until("the kernel to forget", Duration::from_secs(10), || {
+        m.stat_u64("inodes") < 50
+    });
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut &held, &mut buf).unwrap();
+    assert!(buf == std::fs::read(w.src().join(&files[7])).unwrap());
+    // Forgotten files are looked up again, under new inodes.
+    for rel in files.iter().step_by(97) {
+        drop_page_cache(&m.path(rel));
+        assert_same_file(&w.src().join(rel), &m.path(rel));
+    }
+}
+
+#[test]
+fn twenty_thousand_files_read_under_ulimit_1024() {
+    let w = Work::new();
+    let files = many_small_files(&w.src(), 20_000);
+    let m = mount_under(&w, "ulimit -n 1024");
+    let pid = m.stat_u64("pid");
+    assert_eq!(open_files_limit(pid).0, "1024");
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let errors = std::sync::Mutex::new(Vec::new());
+    let max_fds = std::sync::atomic::AtomicUsize::new(fd_count(pid));
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(rel) = files.get(i) else { return };
+                match std::fs::read(m.path(rel)) {
+                    Ok(got) if got == std::fs::read(w.src().join(rel)).unwrap() => {}
+                    Ok(_) => errors.lock().unwrap().push(format!("{rel}: wrong bytes")),
+                    Err(e) => errors.lock().unwrap().push(format!("{rel}: {e}")),
+                }
+                if i.is_multiple_of(250) {
+                    max_fds.fetch_max(fd_count(pid), std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let max_fds = max_fds.into_inner().max(fd_count(pid));
+    let errors = errors.into_inner().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} of {} files failed (daemon fds up to {max_fds}); first: {:?}",
+        errors.len(),
+        files.len(),
+        &errors[..errors.len().min(3)]
+    );
+    assert!(max_fds < 900, "the daemon held {max_fds} fds");
+}
