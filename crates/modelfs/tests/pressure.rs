@@ -2,6 +2,7 @@
 //! dead mount, a flaky origin, and many files with few descriptors.
 mod common;
 
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -265,4 +266,38 @@ fn twenty_thousand_files_read_under_ulimit_1024() {
         &errors[..errors.len().min(3)]
     );
     assert!(max_fds < 900, "the daemon held {max_fds} fds");
+}
+
+#[test]
+fn stat_into_a_closed_pipe_exits_quietly() {
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), 5000, 6);
+    let m = w.mount(&[]);
+    assert_same_file(&w.src().join("f.bin"), &m.path("f.bin"));
+    for json in [false, true] {
+        // What `modelfs stat MOUNT | head -1` meets once head has exited.
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills two fds that we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh fds from pipe; the read end is closed at once.
+        let write_end = unsafe {
+            drop(std::os::fd::OwnedFd::from_raw_fd(fds[0]));
+            std::os::fd::OwnedFd::from_raw_fd(fds[1])
+        };
+        let mut cmd = Command::new(bin());
+        cmd.args(["stat", m.mp.to_str().unwrap()]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .stdout(std::process::Stdio::from(write_end))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "json {json}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
