@@ -129,9 +129,10 @@ impl Inner {
         let fresh = match self.engine.namespace().revalidate(&node.path).await {
             Ok(m) => m,
             Err(Error::NotFound(_)) => return reply.error(Errno::ESTALE),
+            // The file may well be there: this open fails, the next asks again.
             Err(e) => {
-                warn!(path = %node.path, "open: {e}");
-                return reply.error(errno(&e));
+                warn!(path = %node.path, "open: checking the file with the source failed: {e}");
+                return reply.error(Errno::EIO);
             }
         };
         if fresh.version != node.meta.version || fresh.is_dir {

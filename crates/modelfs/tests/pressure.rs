@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::s3::{garage, Fault, Proxy};
 use common::*;
 
 /// The fstype of the mount at `mp` in this process's mountinfo.
@@ -299,5 +300,46 @@ fn stat_into_a_closed_pipe_exits_quietly() {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+#[test]
+fn a_failed_check_at_open_is_eio_and_the_file_stays_listed() {
+    let g = garage();
+    let w = Work::new();
+    write_file(&w.src().join("a.bin"), (3 << 20) + 5, 31);
+    write_file(&w.src().join("b.bin"), 70_000, 32);
+    g.push(&w.src(), "s3://models/flaky-open");
+    let proxy = Proxy::start(g.addr());
+    let m = Mount::new(
+        "s3://models/flaky-open",
+        &w.mnt(),
+        w.cache.path(),
+        &[
+            "--endpoint",
+            &proxy.endpoint(),
+            "--retries",
+            "0",
+            "--request-timeout",
+            "2",
+        ],
+        &g.env,
+    );
+    let names = || {
+        let mut n: Vec<String> = std::fs::read_dir(&m.mp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(), ["a.bin", "b.bin"]);
+    for fault in [Fault::Unavailable, Fault::Reset] {
+        proxy.set(fault);
+        let e = std::fs::File::open(m.path("a.bin")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{fault:?}: {e}");
+        proxy.set(Fault::Pass);
+        assert_eq!(names(), ["a.bin", "b.bin"], "after {fault:?}");
+        assert_same_file(&w.src().join("a.bin"), &m.path("a.bin"));
     }
 }
