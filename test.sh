@@ -15,6 +15,7 @@ trap 'rm -rf /var/tmp/modelfs-garage-*' EXIT
 apt_pkgs=()
 command -v fio >/dev/null || apt_pkgs+=(fio)
 command -v cmp >/dev/null || apt_pkgs+=(diffutils)
+command -v bindfs >/dev/null || apt_pkgs+=(bindfs)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   log "installing ${apt_pkgs[*]}"
   apt-get update -q >/dev/null

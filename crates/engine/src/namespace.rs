@@ -70,9 +70,14 @@ impl Namespace {
     }
 
     /// Metadata straight from the source, written back into the cached
-    /// listing so later lookups agree with it.
+    /// listing so later lookups agree with it. Only "not found" takes a file
+    /// out of the listing: a timeout or a 5xx says nothing about the file, so
+    /// the listing stays as it was and the next open asks again.
     pub async fn revalidate(&self, path: &str) -> Result<ObjectMeta> {
         let fresh = self.source.stat(path).await;
+        if matches!(fresh, Err(ref e) if !matches!(e, Error::NotFound(_))) {
+            return fresh;
+        }
         let (dir, name) = split(path);
         let mut listings = self.listings.lock();
         if let Some((_, listing)) = listings.get_mut(dir) {

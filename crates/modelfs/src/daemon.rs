@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
-use fuser::{Config, MountOption, Session, SessionACL};
+use fuser::{Config, Session, SessionACL};
 use modelfs_engine::size::ByteSize;
 use modelfs_engine::source::open_source;
 use modelfs_engine::{Engine, Error};
@@ -147,7 +147,38 @@ struct Mounted {
     mountpoint: PathBuf,
 }
 
+/// Raises the soft limit on open files to the hard one: a mount holds files
+/// of the cache, sockets and /dev/fuse fds, and a shell's soft limit (often
+/// 1024) is a guess made for interactive programs.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return warn!("reading the open files limit: {e}");
+    }
+    let soft = lim.rlim_cur;
+    if soft >= lim.rlim_max {
+        return info!(limit = soft, "open files limit");
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit only reads `lim`.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return warn!(limit = soft, "raising the open files limit: {e}");
+    }
+    info!(
+        from = soft,
+        to = lim.rlim_max,
+        "raised the open files limit"
+    );
+}
+
 fn start(args: &MountArgs) -> Result<Mounted> {
+    raise_open_files_limit();
     let mp = mountpoint::check(&args.mountpoint)?;
     let min = args.cache.chunk_size.0 * args.threads.max(1) as u64;
     if args.cache.cache_size.0 < min {
@@ -197,26 +228,19 @@ fn start(args: &MountArgs) -> Result<Mounted> {
     )?;
     group.serve(&engine, rt.handle())?;
     let fs = ModelFs::new(engine, rt.handle().clone(), SystemTime::now());
+    let dev = mountpoint::mount_fuse(&mp, source.id())?;
     let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName(source.id().to_string()),
-        MountOption::Subtype("modelfs".into()),
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::NoAtime,
-    ];
-    config.acl = SessionACL::All;
     config.n_threads = Some(args.threads.max(1));
     config.clone_fd = true;
-    let session = Session::new(fs, &mp, &config)
-        .with_context(|| {
-            format!(
-                "mounting on {} (needs root or fusermount3, and /dev/fuse)",
-                mp.display()
-            )
-        })?
-        .spawn()?;
+    // A session made from an fd never unmounts by itself, so a failed
+    // handshake must not leave a mount that nobody serves.
+    let session = match Session::from_fd(fs, dev, SessionACL::All, config).and_then(|s| s.spawn()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = mountpoint::lazy_unmount(&mp);
+            bail!("starting the FUSE session on {}: {e}", mp.display());
+        }
+    };
     if let Err(e) = mountpoint::set_readahead(&mp, args.read_ahead.0 / 1024) {
         warn!("readahead stays at the kernel default: {e:#}");
     }

@@ -22,6 +22,9 @@ use tracing::{info, warn};
 
 use crate::inodes::{Inodes, Node, ROOT};
 
+/// The inode number libfuse lists for an entry it has no inode for.
+const FUSE_UNKNOWN_INO: u64 = 0xffff_ffff;
+
 /// The xattr on the mount root that `modelfs stat` reads.
 pub const STATS_XATTR: &str = "user.modelfs.stats";
 
@@ -114,7 +117,9 @@ impl Inner {
     fn stats_json(&self, passthrough: &str) -> Vec<u8> {
         let mut s = self.engine.snapshot();
         s.passthrough = passthrough.to_string();
-        serde_json::to_vec(&s).unwrap_or_default()
+        let mut v = serde_json::to_value(&s).unwrap_or_default();
+        v["inodes"] = self.inodes.len().into();
+        serde_json::to_vec(&v).unwrap_or_default()
     }
 
     /// Opens `node` if it is still the source's current version. A changed
@@ -124,14 +129,16 @@ impl Inner {
         let fresh = match self.engine.namespace().revalidate(&node.path).await {
             Ok(m) => m,
             Err(Error::NotFound(_)) => return reply.error(Errno::ESTALE),
+            // The file may well be there: this open fails, the next asks again.
             Err(e) => {
-                warn!(path = %node.path, "open: {e}");
-                return reply.error(errno(&e));
+                warn!(path = %node.path, "open: checking the file with the source failed: {e}");
+                return reply.error(Errno::EIO);
             }
         };
         if fresh.version != node.meta.version || fresh.is_dir {
+            // The kernel looks the path up again and gets the new version's
+            // inode: revalidate wrote it into the listing.
             info!(path = %node.path, "source changed; serving the new version");
-            self.inodes.get_or_insert(&node.path, &fresh);
             return reply.error(Errno::ESTALE);
         }
         let file = FileVersion {
@@ -246,12 +253,18 @@ impl Filesystem for ModelFs {
             let path = Namespace::child(&parent.path, &name);
             match inner.engine.namespace().lookup(&path).await {
                 Ok(meta) => {
-                    let ino = inner.inodes.get_or_insert(&path, &meta);
+                    let ino = inner.inodes.lookup(&path, &meta);
                     reply.entry(&inner.ttl, &inner.attr(ino, &meta), Generation(0));
                 }
                 Err(e) => reply.error(errno(&e)),
             }
         });
+    }
+
+    /// Also serves BATCH_FORGET: fuser's default `batch_forget` calls this
+    /// for each inode (0.18 does not export its argument type to override it).
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inner.inodes.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -356,7 +369,12 @@ impl Filesystem for ModelFs {
             ];
             for e in listing.iter() {
                 let path = Namespace::child(&node.path, &e.name);
-                let child = inner.inodes.get_or_insert(&path, &e.meta);
+                // Like libfuse, an entry the kernel holds no inode for is
+                // listed with the unknown inode number.
+                let child = inner
+                    .inodes
+                    .peek(&path, &e.meta)
+                    .unwrap_or(FUSE_UNKNOWN_INO);
                 let kind = if e.meta.is_dir {
                     FileType::Directory
                 } else {

@@ -1,10 +1,12 @@
 //! Everything about the directory we mount on: checks before mounting, the
 //! kernel's view of mounts, readahead, and taking a mount down.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use tracing::warn;
 
 /// Mount points as the kernel lists them for this process.
 fn mounts() -> Vec<(PathBuf, String)> {
@@ -56,9 +58,17 @@ pub fn absolute(path: &Path) -> Result<PathBuf> {
 }
 
 /// Refuses a mount point that is missing, not a directory, not empty, or
-/// already mounted; returns its absolute path.
+/// already mounted; returns its absolute path. A modelfs mount whose daemon
+/// died (kill -9, OOM) is detached first, so a restart needs no manual step.
 pub fn check(mountpoint: &Path) -> Result<PathBuf> {
     let abs = absolute(mountpoint)?;
+    // statfs always asks the daemon; stat may be answered from cached attributes.
+    if mounted_at(&abs).as_deref() == Some(FSTYPE)
+        && nix::sys::statfs::statfs(&abs).err() == Some(nix::errno::Errno::ENOTCONN)
+    {
+        warn!(mountpoint = %abs.display(), "detaching the mount of a modelfs daemon that is gone");
+        lazy_unmount(&abs)?;
+    }
     if let Some(fstype) = mounted_at(&abs) {
         bail!(
             "mount point {} is already mounted ({fstype}); run `modelfs unmount {}` or pick another directory",
@@ -97,6 +107,44 @@ pub fn set_readahead(mountpoint: &Path, kib: u64) -> Result<()> {
     let p = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
     std::fs::write(&p, kib.to_string()).with_context(|| format!("writing {p}"))?;
     Ok(())
+}
+
+/// The filesystem type of our mounts, so the mount table tells them apart
+/// from any other FUSE file system.
+pub const FSTYPE: &str = "fuse.modelfs";
+
+/// Mounts a FUSE file system of type `fuse.modelfs` at `mountpoint` and
+/// returns the `/dev/fuse` fd that serves it. fuser's own mount always says
+/// plain `fuse`, so we make the mount(2) call ourselves, with the options
+/// fuser would pass.
+pub fn mount_fuse(mountpoint: &Path, source: &str) -> Result<OwnedFd> {
+    use nix::mount::MsFlags;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .context("opening /dev/fuse (load the fuse module: `modprobe fuse`)")?;
+    let data = format!(
+        "fd={},rootmode=40000,user_id={},group_id={},allow_other",
+        dev.as_raw_fd(),
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOATIME;
+    nix::mount::mount(
+        Some(source),
+        mountpoint,
+        Some(FSTYPE),
+        flags,
+        Some(data.as_str()),
+    )
+    .with_context(|| {
+        format!(
+            "mounting on {} (modelfs mounts need root or CAP_SYS_ADMIN)",
+            mountpoint.display()
+        )
+    })?;
+    Ok(dev.into())
 }
 
 /// Detaches the mount even while files are open on it.

@@ -14,7 +14,7 @@ use modelfs_engine::size::ByteSize;
 
 use crate::args::progress_bar;
 use crate::control::read_stats;
-use crate::mountpoint::mounted_at;
+use crate::mountpoint::{mounted_at, FSTYPE};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WarmArgs {
@@ -31,7 +31,7 @@ pub struct WarmArgs {
 fn mount_root(path: &Path) -> Result<PathBuf> {
     let abs = crate::mountpoint::absolute(path)?;
     for p in abs.ancestors() {
-        if mounted_at(p).is_some_and(|t| t.starts_with("fuse")) && read_stats(p).is_ok() {
+        if mounted_at(p).is_some_and(|t| t == FSTYPE) && read_stats(p).is_ok() {
             return Ok(p.to_path_buf());
         }
     }

@@ -97,8 +97,10 @@ fn safetensors_crate_loads_a_synthetic_model_through_the_mount() {
 fn fio_random_reads_verify() {
     let w = Work::new();
     let file = w.src().join("fio.dat");
+    // fio leaves verify state files in its working directory.
     let fio = |path: &std::path::Path, rw: &str, extra: &[&str]| {
         Command::new("fio")
+            .current_dir(w.dir.path())
             .args([
                 "--name=v",
                 "--size=48M",
@@ -128,6 +130,7 @@ fn fio_random_reads_verify() {
     }
     // Mixed-size random reads with fio's own engine, checked against the source.
     let out = Command::new("fio")
+        .current_dir(w.dir.path())
         .args([
             "--name=r",
             "--rw=randread",
