@@ -425,6 +425,123 @@ def scenario_scale_out(counts, size):
     return {"rows": rows, "cases": cases, "rate": "800mbit", "model": size}
 
 
+PAUSED = r"""
+import hashlib, os, sys, time
+d, pause = sys.argv[1], float(sys.argv[2]); out = {}
+for f in sorted(sys.argv[3:]):
+    h = hashlib.blake2b(digest_size=16); p = os.path.join(d, f); half = os.path.getsize(p) // 2
+    with open(p, "rb") as fh:
+        h.update(fh.read(half)); time.sleep(pause)
+        while b := fh.read(1 << 20):
+            h.update(b)
+    out[f] = h.hexdigest()
+print(repr(sorted(out.items())))
+"""
+
+
+def pressure_mount(env, prefix, cap):
+    """A modelfs mount through the counting proxy with a cache of `cap` bytes."""
+    mp = tempfile.mkdtemp(prefix="m-pressure-", dir=env.work)
+    cache = tempfile.mkdtemp(prefix="cache-", dir=env.shm)
+    sh(BIN, "mount", f"s3://models/{prefix}", mp, "--endpoint", env.counted, "--cache-dir", cache,
+       "--cache-size", f"{cap >> 20}MiB", env=env.env)
+    env.mounts.append(mp)
+    return mp, cache
+
+
+def pressure_unmount(mp, cache):
+    sh(BIN, "unmount", mp, check=False)
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def scenario_pressure(env, model, names, expect, size):
+    """Origin bytes per byte read with caches smaller and larger than the
+    model, for the ways real clients read; and Stable Diffusion style
+    switching between ten checkpoints through a cache holding half."""
+    drop_caches()
+    _, digest = lazy_load(model)
+    want_paused = repr(sorted(expect.items()))
+    window_default = GIB
+
+    def seq(mp):
+        verify(mp, names, expect)
+        return size
+
+    def eight(mp):
+        kids = [subprocess.Popen(["sh", "-c", " && ".join(f"cat {os.path.join(mp, n)} | b2sum" for n in names)],
+                                 stdout=subprocess.PIPE, text=True) for _ in range(8)]
+        outs = [k.communicate()[0] for k in kids]
+        if any(k.returncode != 0 for k in kids) or len(set(outs)) != 1:
+            raise RuntimeError("WRONG BYTES: the 8 readers disagree")
+        local = subprocess.run(["sh", "-c", " && ".join(f"cat {os.path.join(model, n)} | b2sum" for n in names)],
+                               capture_output=True, text=True).stdout
+        if outs[0] != local:
+            raise RuntimeError("WRONG BYTES in the 8 readers")
+        return 8 * size
+
+    def lazy(mp):
+        _, d = lazy_load(mp)
+        if d != digest:
+            raise RuntimeError("WRONG TENSORS")
+        return size
+
+    def paused(mp):
+        got = sh(sys.executable, "-c", PAUSED, mp, "1" if env.quick else "3", *names).stdout.strip()
+        if got != want_paused:
+            raise RuntimeError("WRONG BYTES after a pause")
+        return size
+
+    rows = []
+    for pct in (25, 50, 100, 200):
+        cap = max(64 * MIB, size * pct // 100 // MIB * MIB)
+        window = min(window_default, cap // 2)
+        row = {"cache": f"{pct}% ({cap >> 20} MiB)", "window_MiB": window >> 20}
+        for label, fn in (("sequential", seq), ("8_readers", eight), ("lazy_shuffled", lazy), ("paused", paused)):
+            mp, cache = pressure_mount(env, "model", cap)
+            try:
+                drop_caches()
+                env.proxy.take()
+                read = fn(mp)
+                origin = env.proxy.take()
+                row[label] = round(origin / read, 3)
+                row[label + "_bound"] = round(1 + window / read, 3)
+            except Exception as e:
+                row[label] = f"error: {str(e)[:120]}"
+            finally:
+                pressure_unmount(mp, cache)
+        rows.append(row)
+
+    # Ten checkpoints, each switched to twice, through a cache holding half.
+    sizes = [(24 + 8 * (i % 4)) * MIB if env.quick else (128 + 64 * (i % 5)) * MIB for i in range(10)]
+    sd = os.path.join(env.work, "sd")
+    files = []
+    for i, sz in enumerate(sizes):
+        sh(BIN, "synth", os.path.join(sd, f"m{i}"), "--size", f"{sz >> 20}MiB", "--files", "1", "--seed", str(300 + i))
+        files.append(f"m{i}/model-00001-of-00001.safetensors")
+    env.push(sd, "sd")
+    sd_expect = {f: file_hashes([os.path.join(sd, f)])[os.path.basename(f)] for f in files}
+    total = sum(os.path.getsize(os.path.join(sd, f)) for f in files)
+    cap = max(64 * MIB, total // 2 // MIB * MIB)
+    order = files + random.Random(7).sample(files, len(files))
+    mp, cache = pressure_mount(env, "sd", cap)
+    try:
+        drop_caches()
+        env.proxy.take()
+        read = 0
+        for f in order:
+            if file_hashes([os.path.join(mp, f)])[os.path.basename(f)] != sd_expect[f]:
+                raise RuntimeError(f"WRONG BYTES in {f}")
+            read += os.path.getsize(os.path.join(sd, f))
+        origin = env.proxy.take()
+        stats = json.loads(sh(BIN, "stat", mp, "--json").stdout)
+    finally:
+        pressure_unmount(mp, cache)
+    switching = {"checkpoints": len(files), "cache_MiB": cap >> 20, "model_bytes": total, "bytes_read": read,
+                 "origin_per_read": round(origin / read, 3), "bound": round(1 + min(window_default, cap // 2) / read, 3),
+                 "chunks_evicted": stats["chunks_evicted"]}
+    return {"rows": rows, "switching": switching}
+
+
 def simulate(n, strategy, model, block, origin_bps, nic_bps, nfs_bps):
     """A discrete-event model of one load on n nodes. Blocks move store-and-
     forward over FIFO links: a transfer from A to B starts once the block is at
@@ -562,6 +679,8 @@ def report(res, out):
          ["N", "peers_s", "peers_origin", "no_peers_s", "no_peers_origin", "verified"]),
         ("7_real_model", "7. A real model: all-MiniLM-L6-v2 weights, loaded through each mount",
          ["system", "load_seconds", "MBps", "flags"]),
+        ("9_pressure", "9. Under pressure: origin bytes / bytes read, cache smaller and larger than the model (bound: 1 + prefetch window / bytes read)",
+         ["cache", "window_MiB", "sequential", "sequential_bound", "8_readers", "8_readers_bound", "lazy_shuffled", "lazy_shuffled_bound", "paused", "paused_bound"]),
         ("8_fleet", "8. Fleet simulation (computed, not measured): load time and origin egress",
          ["N", "modelfs_s", "every_node_from_origin_s", "nfs_s", "modelfs_egress_GB", "every_node_from_origin_egress_GB", "nfs_egress_GB"]),
     ]
@@ -572,6 +691,11 @@ def report(res, out):
             md += [f"Did not run: {sc.get('error') if sc else 'skipped'}", ""]
             continue
         md += [table(sc["rows"], cols), ""]
+        if key == "9_pressure":
+            sw = sc["switching"]
+            md += [f"Stable Diffusion style switching: {sw['checkpoints']} checkpoints ({sw['model_bytes'] >> 20} MiB), each loaded "
+                   f"twice in turn through a {sw['cache_MiB']} MiB cache: origin / bytes read = {sw['origin_per_read']} "
+                   f"(bound {sw['bound']}), {sw['chunks_evicted']} chunks evicted.", ""]
         if key == "6_scale_out":
             md += [table(sc["cases"], ["case", "seconds", "origin_per_model", "verified"]), ""]
         if key == "8_fleet":
@@ -609,6 +733,7 @@ def main():
             ("3_lazy_mmap", lambda: scenario_lazy(env, model)),
             ("4_multiprocess", lambda: scenario_multiprocess(env, names, expect, total)),
             ("5_switching", lambda: scenario_switching(env, switch_sizes)),
+            ("9_pressure", lambda: scenario_pressure(env, model, names, expect, total)),
             ("7_real_model", lambda: scenario_real_model(env)),
             ("6_scale_out", lambda: scenario_scale_out("1 2" if quick else "1 2 4 8", "128MiB" if quick else "512MiB")),
             ("8_fleet", lambda: scenario_fleet(res["scenarios"].get("6_scale_out"), quick)),
@@ -629,6 +754,7 @@ def main():
     print(report(res, out))
     print(f"\nwritten to {out}")
     missing = [k for k, v in res["scenarios"].items() if "error" in v or not v.get("rows")]
+    missing += [k for k, v in res["scenarios"].items() if '"error: ' in json.dumps(v)]
     wrong = [k for k, v in res["scenarios"].items() if "WRONG" in json.dumps(v)]
     if missing or wrong:
         print(f"scenarios without figures: {missing}; wrong bytes in: {wrong}", file=sys.stderr)
