@@ -59,6 +59,14 @@ impl Files {
         Some((Files { data, index }, header, present))
     }
 
+    /// Opens again the files of an entry the registry knows.
+    pub fn reopen(dir: &CacheDir, key: u128, header: &Header) -> Option<Files> {
+        let index = Index::attach(dir.open_file(&index_name(key)).ok()?, header);
+        let data = dir.open_file(&data_name(key)).ok()?;
+        let meta = data.metadata().ok()?;
+        (meta.is_file() && meta.len() == header.file.size).then_some(Files { data, index })
+    }
+
     pub fn read(&self, offset: u64, len: u64) -> io::Result<Bytes> {
         let mut buf = vec![0u8; len as usize];
         self.data.read_exact_at(&mut buf, offset)?;

@@ -55,6 +55,15 @@ impl Index {
         })
     }
 
+    /// An index this process wrote with `header`, opened again without
+    /// reading its entries (the registry holds them).
+    pub fn attach(file: File, header: &Header) -> Index {
+        Index {
+            file,
+            entries_at: header.len(),
+        }
+    }
+
     /// Reads an index back; `None` if it is not one of ours.
     pub fn load(mut file: File) -> io::Result<Option<(Index, Header, Vec<Present>)>> {
         let mut raw = Vec::new();

@@ -127,12 +127,20 @@ struct Entry {
     handle: Weak<CacheFile>,
 }
 
+/// Generations are unique across entries, so work begun on an entry that was
+/// forgotten never matches a new entry of the same key.
+static NEXT_GEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn next_gen() -> u64 {
+    NEXT_GEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Entry {
     fn new(file: FileVersion, chunk_size: u64) -> Entry {
         let n = file.size.div_ceil(chunk_size) as usize;
         Entry {
             file,
-            gen: 0,
+            gen: next_gen(),
             slots: vec![EMPTY; n],
             present_bytes: 0,
             whole_pins: 0,
@@ -414,8 +422,12 @@ impl ChunkStore {
     /// The open files of `e`, opened again if they were closed.
     fn files_of(&self, key: u128, e: &mut Entry) -> Option<Arc<Files>> {
         if e.files.is_none() && e.on_disk {
-            match Files::open(&self.dir, key) {
-                Some((f, _, _)) => e.files = Some(Arc::new(f)),
+            let header = Header {
+                chunk_size: self.cfg.chunk_size,
+                file: e.file.clone(),
+            };
+            match Files::reopen(&self.dir, key, &header) {
+                Some(f) => e.files = Some(Arc::new(f)),
                 None => warn!(path = %e.file.path, "cache files vanished; fetching again"),
             }
         }
@@ -793,7 +805,7 @@ impl ChunkStore {
             }
             let bytes = e.present_bytes;
             let files = self.files_of(key, e);
-            e.gen += 1;
+            e.gen = next_gen();
             e.slots = vec![EMPTY; e.slots.len()];
             e.present_bytes = 0;
             e.exposed = false;
