@@ -1,10 +1,13 @@
 //! The mount under pressure: what it is in the mount table, restarts over a
-//! dead mount, a flaky origin, and many files with few descriptors.
+//! dead mount, a flaky origin, many files with few descriptors, and a cache
+//! too small for its model or its filesystem (mappings that outlive their fd,
+//! origin storms, a full cache filesystem, unsafe cache dirs).
 mod common;
 
 use std::os::fd::FromRawFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::s3::{garage, Fault, Proxy};
@@ -342,4 +345,457 @@ fn a_failed_check_at_open_is_eio_and_the_file_stays_listed() {
         assert_eq!(names(), ["a.bin", "b.bin"], "after {fault:?}");
         assert_same_file(&w.src().join("a.bin"), &m.path("a.bin"));
     }
+}
+
+// ---- The cache under pressure (issue #8) ----
+
+const MIB: usize = 1 << 20;
+
+/// A tmpfs of a given size for a cache dir to live in; lazily unmounted
+/// when dropped, even when the test failed (and before its dir goes).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn new(bytes: usize) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("modelfs-test-tmpfs")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={bytes},mode=0700").as_str()),
+        )
+        .expect("mounting a tmpfs (root is required)");
+        Tmpfs { dir }
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    /// Bytes the filesystem can still give.
+    fn available(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(self.path()).unwrap();
+        s.blocks_available() * s.fragment_size()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Runs `modelfs mount` with exactly `args` after the source and mount
+/// point (no `--cache-size` added), returning its output and a guard that
+/// takes the mount down if it came up.
+fn try_mount(w: &Work, args: &[&str]) -> (Output, Mount) {
+    let (src, mnt) = (w.src(), w.mnt());
+    let mut all = vec!["mount", src.to_str().unwrap(), mnt.to_str().unwrap()];
+    all.extend(args);
+    let out = run(&all);
+    (out, Mount { mp: w.mnt() })
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Where the first difference between what was read and the source is, and
+/// whether the bytes read there are zeros (a punched hole).
+fn first_difference(got: &[u8], want: &[u8]) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("{} bytes instead of {}", got.len(), want.len()));
+    }
+    let i = got.iter().zip(want).position(|(a, b)| a != b)?;
+    let zeros = got[i..].iter().take(4096).all(|&b| b == 0);
+    Some(format!(
+        "first difference at byte {i} (zeros there: {zeros})"
+    ))
+}
+
+#[test]
+fn a_mapping_that_outlives_its_fd_keeps_its_bytes() {
+    let w = Work::new();
+    let model = write_file(&w.src().join("model.bin"), 64 * MIB, 81);
+    write_file(&w.src().join("other1.bin"), 48 * MIB, 82);
+    write_file(&w.src().join("other2.bin"), 48 * MIB, 83);
+    let m = w.mount(&["--cache-size", "96MiB", "--chunk-size", "4MiB"]);
+    assert_eq!(m.stats()["passthrough"], "enabled", "{}", m.stats());
+    assert_same_file(&w.src().join("model.bin"), &m.path("model.bin"));
+    // Passthrough is chosen at open only for a file whose chunks are all
+    // cached.
+    wait_until("the model to be cached", Duration::from_secs(10), || {
+        m.stat_u64("chunks_cached") >= 16
+    });
+    let before = m.stat_u64("passthrough_opens");
+    let f = std::fs::File::open(m.path("model.bin")).unwrap();
+    assert!(
+        m.stat_u64("passthrough_opens") > before,
+        "the second open was not passthrough: {}",
+        m.stats()
+    );
+    // SAFETY: a read-only shared mapping of a file nobody writes.
+    let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+    // The fd goes; the mapping stays, as after torch/safetensors loads.
+    drop(f);
+    // 96 MiB more through a 96 MiB cache: the model's chunks are the least
+    // recently used and must make room.
+    assert_same_file(&w.src().join("other1.bin"), &m.path("other1.bin"));
+    assert_same_file(&w.src().join("other2.bin"), &m.path("other2.bin"));
+    assert!(m.stat_u64("chunks_evicted") > 0, "{}", m.stats());
+    if let Some(d) = first_difference(&map, &model) {
+        panic!(
+            "the mapping changed after eviction: {d}; stats {}",
+            m.stats()
+        );
+    }
+    let retired = m.stat_u64("cache_bytes_retired");
+    assert!(retired > 0, "nothing retired while mapped: {}", m.stats());
+    drop(map);
+    // Its memory goes with the last mapping.
+    wait_until("the retired file to go", Duration::from_secs(10), || {
+        m.stat_u64("cache_bytes_retired") == 0
+    });
+}
+
+/// The default --prefetch-window (1GiB), at most half the cache: what
+/// prefetch may fetch that no reader asked for.
+fn default_window(cache: u64) -> u64 {
+    (1u64 << 30).min(cache / 2)
+}
+
+/// Reads `range` of `f` in 1 MiB preads, each checked against `want`.
+fn read_checked(f: &std::fs::File, want: &[u8], range: std::ops::Range<usize>) {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; MIB];
+    for off in range.step_by(MIB) {
+        let n = MIB.min(want.len() - off);
+        f.read_exact_at(&mut buf[..n], off as u64)
+            .unwrap_or_else(|e| panic!("read at {off}: {e}"));
+        if let Some(d) = first_difference(&buf[..n], &want[off..off + n]) {
+            panic!("read at {off}: {d}");
+        }
+    }
+}
+
+#[test]
+fn a_paused_reader_does_not_storm_the_origin() {
+    use std::os::fd::AsRawFd;
+    let w = Work::new();
+    let data = write_file(&w.src().join("big.bin"), 256 * MIB, 84);
+    let m = w.mount(&["--cache-size", "64MiB", "--chunk-size", "4MiB"]);
+    let window = default_window(64 << 20);
+    // Two chunks: fetches in flight when a count is read.
+    let slack = 2 * (4 << 20);
+    let f = std::fs::File::open(m.path("big.bin")).unwrap();
+    // No kernel readahead on this fd: the bytes the mount is asked for are
+    // the bytes this reader reads, so the bound measures modelfs' prefetch.
+    // SAFETY: advisory call on an fd we own.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    read_checked(&f, &data, 0..32 * MIB);
+    // The deliberate pause: a loader busy elsewhere while prefetch runs on
+    // with a full cache (the old code refetched what found no room, in a
+    // loop).
+    std::thread::sleep(Duration::from_secs(4));
+    let paused = m.stat_u64("bytes_from_source");
+    assert!(
+        paused <= (32 << 20) + window + slack,
+        "{paused} bytes from the origin for 32 MiB read: {}",
+        m.stats()
+    );
+    read_checked(&f, &data, 32 * MIB..data.len());
+    let total = m.stat_u64("bytes_from_source");
+    eprintln!("origin bytes: {paused} after the pause, {total} in all");
+    assert!(
+        total <= data.len() as u64 + window + slack,
+        "{total} bytes from the origin for {} read: {}",
+        data.len(),
+        m.stats()
+    );
+}
+
+fn sha256_of_tar(dir: &Path) -> String {
+    // Sorted by name, so the mount and the source give the same stream.
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            "set -o pipefail; tar cf - --sort=name -C \"$1\" . | tar xOf - | sha256sum",
+            "sh",
+        ])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tar of {}: {}",
+        dir.display(),
+        stderr_of(&out)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn real_clients_over_a_model_bigger_than_the_cache() {
+    let w = Work::new();
+    let out = run(&[
+        "synth",
+        w.src().to_str().unwrap(),
+        "--size",
+        "300MiB",
+        "--files",
+        "3",
+    ]);
+    assert!(out.status.success(), "synth: {}", stderr_of(&out));
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(w.src())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| {
+            let len = e.metadata().unwrap().len();
+            (e.file_name().into_string().unwrap(), len)
+        })
+        .collect();
+    files.sort();
+    let model_bytes: u64 = files.iter().map(|(_, l)| l).sum();
+    assert!(files.len() >= 3 && model_bytes > 280 << 20, "{files:?}");
+    let want_tar = sha256_of_tar(&w.src());
+    let m = w.mount(&["--cache-size", "96MiB", "--chunk-size", "4MiB"]);
+    // Four cmp processes, each over every file, each starting at another
+    // file, and a tar of the whole mount, all at once.
+    let cmps: Vec<std::process::Child> = (0..4)
+        .map(|k| {
+            let mut order: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+            order.rotate_left(k % files.len());
+            Command::new("sh")
+                .args([
+                    "-c",
+                    "for f; do cmp -- \"$SRC/$f\" \"$MNT/$f\" || exit 1; done",
+                    "sh",
+                ])
+                .args(order)
+                .env("SRC", w.src())
+                .env("MNT", &m.mp)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let got_tar = sha256_of_tar(&m.mp);
+    for (k, c) in cmps.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "cmp process {k}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr_of(&out)
+        );
+    }
+    assert_eq!(got_tar, want_tar, "the tar of the mount differs");
+    // Every client read the whole model once.
+    let read = 5 * model_bytes;
+    let window = default_window(96 << 20);
+    let slack = 2 * (4 << 20);
+    let s = m.stats();
+    let from_source = s["bytes_from_source"].as_u64().unwrap();
+    eprintln!("origin bytes: {from_source} for {read} read by the clients");
+    assert!(
+        from_source <= read + window + slack,
+        "{from_source} bytes from the origin for {read} read by the clients: {s}"
+    );
+    assert_eq!(s["read_errors"], 0, "{s}");
+}
+
+#[test]
+fn a_cache_that_does_not_fit_its_filesystem_is_refused() {
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), 5000, 85);
+    let fs = Tmpfs::new(64 * MIB);
+    let cache = fs.path().join("cache");
+    // The default --cache-size (20GiB) on a 64 MiB filesystem.
+    let (out, _m) = try_mount(&w, &["--cache-dir", cache.to_str().unwrap()]);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "mounted: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("does not fit") && err.contains("--cache-size") && err.contains("20GiB"),
+        "{err}"
+    );
+    // The other size: what the filesystem has, in MiB.
+    assert!(err.contains("MiB"), "{err}");
+    assert!(!is_mounted(&w.mnt()), "mounted anyway: {err}");
+}
+
+#[test]
+fn a_full_cache_filesystem_serves_uncached_instead_of_eio() {
+    let w = Work::new();
+    let names = ["a.bin", "b.bin", "c.bin"];
+    for (i, n) in names.iter().enumerate() {
+        write_file(&w.src().join(n), 32 * MIB, 86 + i as u64);
+    }
+    let fs = Tmpfs::new(64 * MIB);
+    let cache = fs.path().join("cache");
+    let m = Mount::new(
+        w.src().to_str().unwrap(),
+        &w.mnt(),
+        &cache,
+        &["--cache-size", "48MiB", "--chunk-size", "4MiB"],
+        &[],
+    );
+    // Something else fills the filesystem after the mount: about 8 MiB
+    // stay free for a 48 MiB cache.
+    let filler = fs.available() as usize - 8 * MIB;
+    let mut f = std::fs::File::create(fs.path().join("filler")).unwrap();
+    let zeros = vec![0u8; MIB];
+    for _ in 0..filler / MIB {
+        std::io::Write::write_all(&mut f, &zeros).unwrap();
+    }
+    drop(f);
+    for n in names {
+        match std::fs::read(m.path(n)) {
+            Ok(got) => {
+                let want = std::fs::read(w.src().join(n)).unwrap();
+                if let Some(d) = first_difference(&got, &want) {
+                    panic!("{n}: {d}; stats {}", m.stats());
+                }
+            }
+            Err(e) => panic!("{n}: {e}; stats {}", m.stats()),
+        }
+    }
+    let s = m.stats();
+    let capacity = s["cache_bytes_capacity"].as_u64().unwrap();
+    let effective = s["cache_bytes_capacity_effective"].as_u64().unwrap();
+    let write_errors = s["cache_write_errors"].as_u64().unwrap();
+    assert!(
+        write_errors > 0 || effective < capacity,
+        "the full filesystem went unnoticed: {s}"
+    );
+    assert_eq!(s["read_errors"], 0, "{s}");
+}
+
+/// (a) A cache dir owned by another user is refused.
+fn refuses_a_dir_of_another_user() {
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), 5000, 90);
+    let cache = w.cache.path().join("c");
+    std::fs::create_dir(&cache).unwrap();
+    std::os::unix::fs::chown(&cache, Some(65534), Some(65534)).unwrap();
+    let (out, _m) = try_mount(&w, &["--cache-dir", cache.to_str().unwrap()]);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "mounted over uid 65534's dir");
+    assert!(err.contains("belongs to uid 65534"), "{err}");
+    assert!(!is_mounted(&w.mnt()));
+}
+
+/// (b) A cache dir others can write is refused.
+fn refuses_a_dir_others_can_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), 5000, 91);
+    let cache = w.cache.path().join("c");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (out, _m) = try_mount(&w, &["--cache-dir", cache.to_str().unwrap()]);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "mounted over a 0777 dir");
+    assert!(err.contains("writable by other users"), "{err}");
+    assert!(!is_mounted(&w.mnt()));
+}
+
+/// (c) A symlinked cache dir is refused, even to a fine directory: the
+/// link could be swapped under the daemon.
+fn refuses_a_symlinked_dir() {
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), 5000, 92);
+    let real = w.cache.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = w.cache.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let (out, _m) = try_mount(&w, &["--cache-dir", link.to_str().unwrap()]);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "mounted over a symlinked dir");
+    assert!(err.contains("link"), "{err}");
+    assert!(!is_mounted(&w.mnt()));
+}
+
+/// (d) A cache dir the daemon creates is 0700.
+fn creates_the_dir_0700() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), 5000, 93);
+    let cache = w.cache.path().join("new/cache");
+    let (out, m) = try_mount(
+        &w,
+        &[
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--cache-size",
+            "64MiB",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_same_file(&w.src().join("f.bin"), &m.path("f.bin"));
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "created {:o}", mode & 0o777);
+}
+
+/// (e) A `.lock` planted as a symlink is never followed: the file it points
+/// to keeps its bytes, whether the mount is refused or not.
+fn never_follows_a_planted_lock_symlink() {
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), 5000, 94);
+    let victim = w.dir.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let cache = w.cache.path().join("c");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&cache)
+        .unwrap();
+    std::os::unix::fs::symlink(&victim, cache.join(".lock")).unwrap();
+    let (out, m) = try_mount(
+        &w,
+        &[
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--cache-size",
+            "64MiB",
+        ],
+    );
+    if out.status.success() {
+        assert_same_file(&w.src().join("f.bin"), &m.path("f.bin"));
+    }
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        b"precious",
+        "the victim was written through .lock (mount ok: {}, {})",
+        out.status.success(),
+        stderr_of(&out)
+    );
+    drop(m);
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+}
+
+#[test]
+fn an_unsafe_cache_dir_is_refused() {
+    // Every part runs, and the failure names all that failed.
+    let parts: [(&str, fn()); 5] = [
+        ("a: another user's dir", refuses_a_dir_of_another_user),
+        ("b: a dir others can write", refuses_a_dir_others_can_write),
+        ("c: a symlinked dir", refuses_a_symlinked_dir),
+        ("d: a new dir is 0700", creates_the_dir_0700),
+        (
+            "e: a planted .lock symlink",
+            never_follows_a_planted_lock_symlink,
+        ),
+    ];
+    let failed: Vec<&str> = parts
+        .iter()
+        .filter(|(_, part)| std::panic::catch_unwind(part).is_err())
+        .map(|(name, _)| *name)
+        .collect();
+    assert!(failed.is_empty(), "failed parts: {failed:?}");
 }
