@@ -51,7 +51,8 @@ pub(crate) enum Want {
     Prefetch,
     /// The whole chunk even if it cannot be kept (warm).
     Whole,
-    /// A peer's request: as `Whole`, and never forwarded to another peer.
+    /// A peer's request: never forwarded to another peer, and answered "not
+    /// here" rather than fetched when there is no room to keep it.
     Peer,
 }
 
@@ -61,15 +62,6 @@ pub(crate) enum Want {
 pub(crate) enum Got {
     Bytes(Bytes),
     NoRoom(Want),
-}
-
-impl Got {
-    fn into_bytes(self) -> Result<Bytes> {
-        match self {
-            Got::Bytes(b) => Ok(b),
-            Got::NoRoom(_) => Err(Error::Cache("no room in the cache for the chunk".into())),
-        }
-    }
 }
 
 /// One open handle on one version of a file.
@@ -209,11 +201,12 @@ impl Engine {
                 Ok(whole.slice(rel.start as usize..rel.end as usize))
             }
             // No room to keep the chunk: fetch just what was asked, so a
-            // reader of a full cache costs the origin what it reads.
+            // reader of a full cache costs the origin what it reads. Peers
+            // deal in whole chunks, so they are not asked for a piece.
             Got::NoRoom(_) => {
                 let base = cf.chunk_range(i).start;
                 let range = base + rel.start..base + rel.end;
-                let b = self.fetch_from_tiers(&cf.file, i, range, false).await?;
+                let b = self.fetch_from_tiers(&cf.file, i, range, true).await?;
                 add(&self.stats.reads_uncached, 1);
                 add(&self.stats.bytes_uncached, b.len() as u64);
                 Ok(b)
@@ -269,20 +262,13 @@ impl Engine {
                 };
                 let room = match engine.store.reserve(&cf, i, mode) {
                     Reserve::Room(r) => Some(r),
-                    Reserve::Busy | Reserve::NoRoom if want == Want::Peer => None,
                     Reserve::Busy | Reserve::NoRoom => return Ok(Got::NoRoom(want)),
                 };
                 let bytes = engine
                     .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), want == Want::Peer)
                     .await?;
-                match room {
-                    Some(r) => {
-                        engine.store.commit(r, &bytes);
-                    }
-                    None => {
-                        add(&engine.stats.reads_uncached, 1);
-                        add(&engine.stats.bytes_uncached, bytes.len() as u64);
-                    }
+                if let Some(r) = room {
+                    engine.store.commit(r, &bytes);
                 }
                 Ok(Got::Bytes(bytes))
             })
@@ -296,7 +282,7 @@ impl Engine {
         file: &FileVersion,
         index: u64,
         range: Range<u64>,
-        for_peer: bool,
+        skip_peers: bool,
     ) -> Result<Bytes> {
         let last = self.tiers.len() - 1;
         let chunk = {
@@ -304,7 +290,7 @@ impl Engine {
             start..(start + self.cfg.chunk_size).min(file.size)
         };
         for (n, tier) in self.tiers.iter().enumerate() {
-            if for_peer && tier.is_peer() {
+            if skip_peers && tier.is_peer() {
                 continue;
             }
             if n == last {
@@ -356,7 +342,12 @@ impl Engine {
         if let Some(b) = self.store.read_chunk(&cf, i) {
             return Ok(b);
         }
-        self.fetch(&cf, i, Want::Peer).await?.into_bytes()
+        // A node with no room to keep the chunk does not fetch it for the
+        // group: the asker goes to the next tier itself.
+        match self.fetch(&cf, i, Want::Peer).await? {
+            Got::Bytes(b) => Ok(b),
+            Got::NoRoom(_) => Err(Error::NotFound(format!("{} chunk {i}: no room", file.path))),
+        }
     }
 
     /// Chunk `i` of `file` if this node has it cached; never fetches.

@@ -154,7 +154,19 @@ impl Inner {
             }
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let passthrough_on = self.passthrough.lock().is_ok();
+        // An inode already open through passthrough keeps it, whatever a
+        // later refusal turned off for new inodes.
+        let passthrough_on = self.passthrough.lock().is_ok()
+            || self
+                .opens
+                .lock()
+                .get(&ino)
+                .is_some_and(|s| s.passthrough.is_some());
+        // Pinning a file restored after a restart checks every chunk's crc,
+        // so it runs before the opens lock is taken.
+        let pin = passthrough_on
+            .then(|| tokio::task::block_in_place(|| self.engine.pin_complete(&open)))
+            .flatten();
         let mut opens = self.opens.lock();
         let state = opens.entry(ino).or_default();
         let mut handle = Handle {
@@ -162,26 +174,25 @@ impl Inner {
             ino,
             pin: None,
         };
-        if passthrough_on && state.cached == 0 {
-            if let Some(pin) = self.engine.pin_complete(&handle.open) {
-                let backing = match state.passthrough.take() {
-                    Some((id, n)) => Ok((id, n)),
-                    None => reply.open_backing(&pin.file).map(|id| (id, 0)),
-                };
-                match backing {
-                    Ok((id, n)) => {
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-                        state.passthrough = Some((id, n + 1));
-                        handle.pin = Some(pin);
-                        modelfs_engine::stats::add(&self.engine.stats().passthrough_opens, 1);
-                        drop(opens);
-                        self.handles.lock().insert(fh, Arc::new(handle));
-                        return;
-                    }
-                    Err(e) => {
-                        warn!("passthrough refused by the kernel ({e}); reading through userspace");
-                        *self.passthrough.lock() = Err(format!("kernel refused backing file: {e}"));
-                    }
+        if let Some(pin) = pin.filter(|_| state.cached == 0) {
+            let backing = match state.passthrough.take() {
+                Some((id, n)) => Ok((id, n)),
+                None => reply.open_backing(&pin.file).map(|id| (id, 0)),
+            };
+            match backing {
+                Ok((id, n)) => {
+                    handle.pin = Some(pin);
+                    modelfs_engine::stats::add(&self.engine.stats().passthrough_opens, 1);
+                    // In the table before the kernel knows the handle, so a
+                    // release that follows at once finds it.
+                    self.handles.lock().insert(fh, Arc::new(handle));
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    state.passthrough = Some((id, n + 1));
+                    return;
+                }
+                Err(e) => {
+                    warn!("passthrough refused by the kernel ({e}); reading through userspace");
+                    *self.passthrough.lock() = Err(format!("kernel refused backing file: {e}"));
                 }
             }
         }

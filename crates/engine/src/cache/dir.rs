@@ -107,6 +107,27 @@ impl CacheDir {
                 st.st_mode & 0o7777
             )));
         }
+        // Whoever may rename entries of the parent may swap this dir for
+        // theirs between two mounts.
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(parent).map_err(|e| Error::io("cache dir's parent", e))?;
+            let sticky = m.mode() & 0o1000 != 0;
+            if m.uid() != me && m.uid() != 0 {
+                return Err(config(format!(
+                    "is in {}, which belongs to uid {}, who could swap it; pass --cache-dir a directory whose parents belong to you or root",
+                    parent.display(),
+                    m.uid()
+                )));
+            }
+            if m.mode() & 0o022 != 0 && !sticky {
+                return Err(config(format!(
+                    "is in {}, which other users may write (mode {:o}) and so swap it; pass --cache-dir elsewhere",
+                    parent.display(),
+                    m.mode() & 0o7777
+                )));
+            }
+        }
         let lock = openat(fd.as_raw_fd(), ".lock", libc::O_CREAT | libc::O_RDWR).map_err(|e| {
             config(format!(
                 "cannot hold its lock file .lock ({e}); remove that file or pass another --cache-dir"
@@ -213,6 +234,17 @@ mod tests {
         std::os::unix::fs::chown(&other, Some(65534), Some(65534)).unwrap();
         let e = CacheDir::open(&other).err().unwrap().to_string();
         assert!(e.contains("belongs to uid 65534"), "{e}");
+        // A parent another user owns (say, a /dev/shm/modelfs they made first).
+        let e = CacheDir::open(&other.join("c")).err().unwrap().to_string();
+        assert!(e.contains("which belongs to uid 65534"), "{e}");
+        std::fs::set_permissions(&wide, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = CacheDir::open(&wide.join("c")).err().unwrap().to_string();
+        assert!(e.contains("other users may write"), "{e}");
+        std::fs::set_permissions(&wide, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(
+            CacheDir::open(&wide.join("c")).is_ok(),
+            "a sticky dir like /dev/shm is fine"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 
 use bytes::Bytes;
 
@@ -108,11 +108,5 @@ impl Files {
             return Err(io::Error::last_os_error());
         }
         Ok(())
-    }
-
-    /// (device, inode) of the data file, as /proc/PID/maps shows mappings.
-    pub fn id(&self) -> Option<(u64, u64)> {
-        let m = self.data.metadata().ok()?;
-        Some((m.dev(), m.ino()))
     }
 }

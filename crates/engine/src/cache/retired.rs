@@ -3,99 +3,104 @@
 //! such a file is never punched: it is unlinked whole, and its memory goes
 //! when the last mapping does. Until then it is reported, not counted
 //! against the capacity.
+//!
+//! /proc/PID/maps cannot tell: it names a passthrough mapping by the FUSE
+//! file, not the cache file behind it. inotify can: IN_DELETE_SELF comes
+//! when the last reference to an unlinked inode is gone.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use parking_lot::Mutex;
+use tracing::warn;
 
 use super::disk::Files;
 
-struct RetiredFile {
-    id: (u64, u64),
-    bytes: u64,
-    /// Still open in this process (a reader copying out of it).
-    held: Weak<Files>,
+#[derive(Default)]
+struct Watches {
+    fd: Option<OwnedFd>,
+    /// Bytes of each retired file, by watch descriptor.
+    bytes: HashMap<i32, u64>,
 }
 
 #[derive(Default)]
 pub struct Retired {
-    files: Mutex<Vec<RetiredFile>>,
+    w: Mutex<Watches>,
+}
+
+impl Watches {
+    fn fd(&mut self) -> io::Result<i32> {
+        if self.fd.is_none() {
+            // SAFETY: inotify_init1 returns a new fd or -1.
+            let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a fresh fd we own.
+            self.fd = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        Ok(self.fd.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1))
+    }
+
+    /// Forgets the files whose last reference is gone.
+    fn drain(&mut self) {
+        let Some(fd) = self.fd.as_ref().map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: read(2) into a buffer we own, of its length.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return;
+            }
+            let mut at = 0usize;
+            let head = std::mem::size_of::<libc::inotify_event>();
+            while at + head <= n as usize {
+                // SAFETY: the kernel wrote whole events; read_unaligned copes
+                // with the byte buffer's alignment.
+                let ev: libc::inotify_event =
+                    unsafe { std::ptr::read_unaligned(buf.as_ptr().add(at).cast()) };
+                if ev.mask & (libc::IN_DELETE_SELF | libc::IN_IGNORED) != 0 {
+                    self.bytes.remove(&ev.wd);
+                }
+                at += head + ev.len as usize;
+            }
+        }
+    }
 }
 
 impl Retired {
-    pub fn add(&self, files: &Arc<Files>, bytes: u64) {
-        if let Some(id) = files.id() {
-            self.files.lock().push(RetiredFile {
-                id,
-                bytes,
-                held: Arc::downgrade(files),
-            });
+    /// Watches a file about to be unlinked, through the fd we hold on it.
+    pub fn add(&self, files: &Files, bytes: u64) {
+        let mut w = self.w.lock();
+        w.drain();
+        let path = format!("/proc/self/fd/{}\0", files.data.as_raw_fd());
+        let wd = w.fd().and_then(|fd| {
+            // SAFETY: a NUL-terminated path; the fd is our inotify instance.
+            let wd =
+                unsafe { libc::inotify_add_watch(fd, path.as_ptr().cast(), libc::IN_DELETE_SELF) };
+            if wd < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(wd)
+            }
+        });
+        match wd {
+            Ok(wd) => {
+                w.bytes.insert(wd, bytes);
+            }
+            Err(e) => {
+                warn!("cannot follow a retired cache file (inotify: {e}); stat will not count it")
+            }
         }
     }
 
-    /// Bytes of retired files that some process still holds; forgets the
-    /// others.
+    /// Bytes of retired files that some process still holds.
     pub fn bytes(&self) -> u64 {
-        let mut files = self.files.lock();
-        if files.is_empty() {
-            return 0;
-        }
-        let mapped = mapped_files();
-        files.retain(|f| f.held.strong_count() > 0 || mapped.contains(&f.id));
-        files.iter().map(|f| f.bytes).sum()
-    }
-}
-
-/// (device, inode) of every file mapped by any process on this machine.
-fn mapped_files() -> HashSet<(u64, u64)> {
-    let mut out = HashSet::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        if !p
-            .file_name()
-            .as_encoded_bytes()
-            .iter()
-            .all(u8::is_ascii_digit)
-        {
-            continue;
-        }
-        let Ok(maps) = std::fs::read_to_string(p.path().join("maps")) else {
-            continue;
-        };
-        out.extend(maps.lines().filter_map(parse_maps_line));
-    }
-    out
-}
-
-/// `addr perms offset MAJ:MIN inode path` -> (dev, inode).
-fn parse_maps_line(line: &str) -> Option<(u64, u64)> {
-    let mut f = line.split_ascii_whitespace().skip(3);
-    let (maj, min) = f.next()?.split_once(':')?;
-    let ino: u64 = f.next()?.parse().ok()?;
-    if ino == 0 {
-        return None;
-    }
-    let dev = libc::makedev(
-        u32::from_str_radix(maj, 16).ok()?,
-        u32::from_str_radix(min, 16).ok()?,
-    );
-    Some((dev, ino))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_device_and_inode_from_maps_lines() {
-        let l = "7f3a5c000000-7f3a60000000 r--s 00000000 00:1a 123456   /dev/shm/x.data (deleted)";
-        assert_eq!(parse_maps_line(l), Some((libc::makedev(0, 0x1a), 123456)));
-        assert_eq!(
-            parse_maps_line("7ffd1000-7ffd2000 r-xp 00000000 00:00 0  [vdso]"),
-            None
-        );
+        let mut w = self.w.lock();
+        w.drain();
+        w.bytes.values().sum()
     }
 }

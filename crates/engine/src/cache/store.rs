@@ -174,6 +174,12 @@ struct Inner {
     /// The capacity, lowered when the cache's filesystem runs out of space.
     capacity: u64,
     shrunk_at: Option<Instant>,
+    /// Present bytes of files pinned whole (open through passthrough).
+    pinned: u64,
+    /// After a write failed for another cause than space, nothing is
+    /// fetched for the cache until then, so a broken cache costs the origin
+    /// only what readers read.
+    blocked_until: Option<Instant>,
 }
 
 /// Room for one chunk, taken before it is fetched. Dropped without
@@ -258,6 +264,8 @@ impl ChunkStore {
                 unread: 0,
                 capacity: cfg.capacity,
                 shrunk_at: None,
+                pinned: 0,
+                blocked_until: None,
             }),
             cfg,
             dir,
@@ -419,19 +427,40 @@ impl ChunkStore {
         }
     }
 
-    /// The open files of `e`, opened again if they were closed.
-    fn files_of(&self, key: u128, e: &mut Entry) -> Option<Arc<Files>> {
-        if e.files.is_none() && e.on_disk {
-            let header = Header {
-                chunk_size: self.cfg.chunk_size,
-                file: e.file.clone(),
-            };
-            match Files::reopen(&self.dir, key, &header) {
-                Some(f) => e.files = Some(Arc::new(f)),
-                None => warn!(path = %e.file.path, "cache files vanished; fetching again"),
-            }
+    /// The files of `e`: the open ones, or opened again for the caller only
+    /// (eviction must not leave a file open that nobody holds).
+    fn reopen(&self, key: u128, e: &Entry) -> Option<Arc<Files>> {
+        if e.files.is_some() || !e.on_disk {
+            return e.files.clone();
         }
-        e.files.clone()
+        let header = Header {
+            chunk_size: self.cfg.chunk_size,
+            file: e.file.clone(),
+        };
+        Files::reopen(&self.dir, key, &header).map(Arc::new)
+    }
+
+    /// The files of `key`, kept open for its holder. Files that vanished
+    /// (removed behind our back) take their chunks out of the cache.
+    fn files(&self, inner: &mut Inner, key: u128) -> Option<Arc<Files>> {
+        let e = inner.files.get_mut(&key)?;
+        if !e.on_disk {
+            return None;
+        }
+        if let Some(f) = self.reopen(key, e) {
+            e.files = Some(f.clone());
+            return Some(f);
+        }
+        warn!(path = %e.file.path, "cache files vanished; fetching again");
+        let victims = self.apply(
+            inner,
+            Plan {
+                retire: vec![key],
+                ..Plan::default()
+            },
+        );
+        debug_assert!(victims.is_empty());
+        None
     }
 
     fn with_slot<T>(&self, cf: &CacheFile, i: u64, f: impl FnOnce(&Slot) -> T) -> Option<T> {
@@ -480,14 +509,19 @@ impl ChunkStore {
     /// restored from an earlier run is checked against its crc on first use.
     pub fn read(&self, cf: &CacheFile, i: u64, range: Range<u64>) -> Option<Bytes> {
         let (files, verified, crc, gen, was_unread) = {
-            let mut inner = self.inner.lock();
+            let mut g = self.inner.lock();
+            let inner = &mut *g;
             let len = cf.chunk_len(i);
-            let e = inner.files.get_mut(&cf.key)?;
-            let s = e.slots.get(i as usize)?;
-            if s.state != State::Present {
+            let present = inner
+                .files
+                .get(&cf.key)
+                .and_then(|e| e.slots.get(i as usize))
+                .is_some_and(|s| s.state == State::Present);
+            if !present {
                 return None;
             }
-            let files = self.files_of(cf.key, e)?;
+            let files = self.files(inner, cf.key)?;
+            let e = inner.files.get_mut(&cf.key)?;
             let gen = e.gen;
             let s = &mut e.slots[i as usize];
             s.pins += 1;
@@ -505,30 +539,40 @@ impl ChunkStore {
             self.room.notify_waiters();
         }
         let base = cf.chunk_range(i).start;
+        // `Err(true)`: the bytes are wrong; `Err(false)`: they could not be read.
         let out = if verified {
-            files.read(base + range.start, range.end - range.start).ok()
+            files
+                .read(base + range.start, range.end - range.start)
+                .map_err(|_| false)
         } else {
             match files.read(base, cf.chunk_len(i)) {
                 Ok(whole) if crc32c::crc32c(&whole) == crc => {
-                    Some(whole.slice(range.start as usize..range.end as usize))
+                    Ok(whole.slice(range.start as usize..range.end as usize))
                 }
-                other => {
-                    add(&self.stats.crc_failures, 1);
-                    warn!(path = %cf.file.path, chunk = i, io_error = other.is_err(), "cached chunk failed its check; fetching it again");
-                    None
-                }
+                Ok(_) => Err(true),
+                Err(_) => Err(false),
             }
         };
         drop(files);
         let mut inner = self.inner.lock();
         let Some(e) = inner.files.get_mut(&cf.key).filter(|e| e.gen == gen) else {
-            return out;
+            return out.ok();
         };
         let s = &mut e.slots[i as usize];
         s.pins -= 1;
-        if out.is_some() {
-            s.verified = true;
-            return out;
+        match out {
+            Ok(b) => {
+                s.verified = true;
+                return Some(b);
+            }
+            Err(false) => {
+                warn!(path = %cf.file.path, chunk = i, "cannot read a cached chunk; fetching it again");
+                return None;
+            }
+            Err(true) => {
+                add(&self.stats.crc_failures, 1);
+                warn!(path = %cf.file.path, chunk = i, "cached chunk failed its check; fetching it again");
+            }
         }
         // A chunk that failed its check is wrong for any mapper already, so
         // even in an exposed file it is punched and fetched again in place.
@@ -551,8 +595,12 @@ impl ChunkStore {
         self.read(cf, i, 0..cf.chunk_len(i))
     }
 
+    /// Prefetch's share: half of what is not pinned, so a reader's miss
+    /// finds chunks already read to evict before any prefetched one.
     fn window(&self, inner: &Inner) -> u64 {
-        self.cfg.prefetch_window.min(inner.capacity / 2)
+        self.cfg
+            .prefetch_window
+            .min(inner.capacity.saturating_sub(inner.pinned) / 2)
     }
 
     /// After the filesystem ran out of space, tries the configured capacity
@@ -579,6 +627,9 @@ impl ChunkStore {
         let len = cf.chunk_len(i);
         let mut inner = self.inner.lock();
         self.maybe_regrow(&mut inner);
+        if inner.blocked_until.is_some_and(|t| Instant::now() < t) {
+            return Reserve::NoRoom;
+        }
         let (gen, absent) = match inner.files.get(&cf.key) {
             Some(e) => (
                 e.gen,
@@ -633,7 +684,8 @@ impl ChunkStore {
         }
         let crc = crc32c::crc32c(bytes);
         let (files, range) = {
-            let mut inner = self.inner.lock();
+            let mut g = self.inner.lock();
+            let inner = &mut *g;
             let Some(e) = inner.files.get_mut(&r.key).filter(|e| e.gen == r.gen) else {
                 return false;
             };
@@ -653,12 +705,12 @@ impl ChunkStore {
                     }
                     Err(err) => {
                         let path = e.file.path.clone();
-                        self.write_failed(&mut inner, &path, &err, r.len);
+                        self.write_failed(inner, &path, &err, r.len);
                         return false;
                     }
                 }
             }
-            let Some(files) = self.files_of(r.key, e) else {
+            let Some(files) = self.files(inner, r.key) else {
                 return false;
             };
             (files, range)
@@ -715,7 +767,10 @@ impl ChunkStore {
             }
             inner.shrunk_at = Some(Instant::now());
         } else {
-            warn!("cannot write {path} to the cache ({err}); serving it uncached");
+            warn!(
+                "cannot write {path} to the cache ({err}); serving uncached for {REGROW_AFTER:?}"
+            );
+            inner.blocked_until = Some(Instant::now() + REGROW_AFTER);
         }
     }
 
@@ -804,18 +859,22 @@ impl ChunkStore {
                 }
             }
             let bytes = e.present_bytes;
-            let files = self.files_of(key, e);
+            if e.whole_pins > 0 {
+                // Only when its files vanished: a pinned file is never evicted.
+                inner.pinned -= bytes;
+            }
+            let files = self.reopen(key, e);
             e.gen = next_gen();
             e.slots = vec![EMPTY; e.slots.len()];
             e.present_bytes = 0;
             e.exposed = false;
             e.on_disk = false;
             e.files = None;
-            disk::remove(&self.dir, key);
-            debug!(path = %e.file.path, "retired a cache file that may be mapped");
             if let Some(f) = &files {
                 self.retired.add(f, bytes);
             }
+            disk::remove(&self.dir, key);
+            debug!(path = %e.file.path, "retired a cache file that may be mapped");
             for t in ticks {
                 inner.lru.remove(t);
             }
@@ -831,7 +890,7 @@ impl ChunkStore {
                 continue;
             };
             let len = e.chunk_len(cs, i);
-            let files = self.files_of(key, e);
+            let files = self.reopen(key, e);
             let s = &mut e.slots[i as usize];
             if s.state != State::Present || s.pins > 0 {
                 continue;
@@ -908,15 +967,21 @@ impl ChunkStore {
             self.read_chunk(cf, i)?;
         }
         let files = {
-            let mut inner = self.inner.lock();
-            let e = inner.files.get_mut(&cf.key)?;
-            if e.slots
-                .iter()
-                .any(|s| s.state != State::Present || !s.verified)
-            {
+            let mut g = self.inner.lock();
+            let inner = &mut *g;
+            let complete = inner.files.get(&cf.key).is_some_and(|e| {
+                e.slots
+                    .iter()
+                    .all(|s| s.state == State::Present && s.verified)
+            });
+            if !complete {
                 return None;
             }
-            let files = self.files_of(cf.key, e)?;
+            let files = self.files(inner, cf.key)?;
+            let e = inner.files.get_mut(&cf.key)?;
+            if e.whole_pins == 0 {
+                inner.pinned += e.present_bytes;
+            }
             e.whole_pins += 1;
             e.exposed = true;
             let mut unread = 0;
@@ -945,11 +1010,15 @@ impl ChunkStore {
     }
 
     fn unpin_whole(&self, cf: &CacheFile) {
-        let mut inner = self.inner.lock();
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
         if let Some(e) = inner.files.get_mut(&cf.key) {
             e.whole_pins -= 1;
+            if e.whole_pins == 0 {
+                inner.pinned -= e.present_bytes;
+            }
         }
-        drop(inner);
+        drop(g);
         self.room.notify_waiters();
     }
 

@@ -146,22 +146,26 @@ fn prefetch_never_evicts_unread_chunks_and_stays_in_its_window() {
     );
     assert_eq!(s.usage(), (4 * CS, 4));
 
-    // Unread ones go when nothing read is left.
+    // Unread ones go when nothing read is left (the rest being written).
     let d = tempfile::tempdir().unwrap();
-    let s = open(d.path(), 2 * CS, 2 * CS).unwrap();
-    let f = s.file(&fv("a", 4 * CS));
-    let g = s.file(&fv("g", CS));
-    put(&s, &g, 0, Mode::Read).unwrap();
-    let _pin = s.pin_whole(&g).unwrap();
+    let s = open(d.path(), 4 * CS, 2 * CS).unwrap();
+    let f = s.file(&fv("a", 8 * CS));
     put(&s, &f, 0, Mode::Prefetch).unwrap();
-    assert_eq!(s.pressure().1, CS);
-    assert_eq!(put(&s, &f, 2, Mode::Read), Some(true));
-    assert!(!s.contains(&f, 0));
+    put(&s, &f, 1, Mode::Prefetch).unwrap();
+    let writing = [2, 3].map(|i| match s.reserve(&f, i, Mode::Read) {
+        Reserve::Room(r) => r,
+        _ => panic!("room for chunk {i}"),
+    });
+    assert_eq!(s.pressure().1, 2 * CS);
+    assert_eq!(put(&s, &f, 4, Mode::Read), Some(true));
+    assert!(!s.contains(&f, 0) && s.contains(&f, 1));
     assert_eq!(
         s.pressure().1,
-        0,
+        CS,
         "an unread chunk evicted is no longer counted"
     );
+    drop(writing);
+    assert_eq!(s.usage(), (2 * CS, 2));
 }
 
 #[test]
@@ -370,4 +374,40 @@ fn a_complete_file_from_an_earlier_run_is_never_punched() {
     }
     assert!(map[..] == want[..], "eviction changed a mapped file");
     assert_eq!(s.retired_bytes(), 3 * CS);
+}
+
+#[test]
+fn eviction_leaves_no_file_open_that_nobody_holds() {
+    let d = tempfile::tempdir().unwrap();
+    let s = store(d.path(), 40 * CS);
+    for n in 0..20 {
+        let f = s.file(&fv(&format!("f{n}"), 2 * CS));
+        put(&s, &f, 0, Mode::Read).unwrap();
+        put(&s, &f, 1, Mode::Read).unwrap();
+        s.read(&f, 1, 0..4).unwrap();
+    }
+    let g = s.file(&fv("g", 20 * CS));
+    for i in 0..20 {
+        assert_eq!(put(&s, &g, i, Mode::Read), Some(true));
+    }
+    drop(g);
+    assert_eq!(fds_in(d.path()), 2, "only the dir and its lock stay open");
+}
+
+#[test]
+fn files_removed_behind_the_cache_leave_its_accounting() {
+    let d = tempfile::tempdir().unwrap();
+    let s = store(d.path(), 10 * CS);
+    let key = {
+        let f = s.file(&fv("a", 2 * CS));
+        put(&s, &f, 0, Mode::Read).unwrap();
+        put(&s, &f, 1, Mode::Read).unwrap();
+        f.key
+    };
+    std::fs::remove_file(d.path().join(super::disk::data_name(key))).unwrap();
+    let f = s.file(&fv("a", 2 * CS));
+    assert!(s.read_chunk(&f, 0).is_none());
+    assert_eq!(s.usage(), (0, 0));
+    assert_eq!(put(&s, &f, 0, Mode::Read), Some(true), "cached again");
+    assert_eq!(&s.read_chunk(&f, 0).unwrap()[..], &chunk(&f, 0)[..]);
 }
