@@ -15,6 +15,46 @@ pub struct PeerCounters {
     pub crc_failures: u64,
 }
 
+/// How far `--preload` has got, live: what it names, and how much of that is
+/// in the cache now (chunks can be evicted after the preload finished).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PreloadStatus {
+    /// The paths as given to `--preload`.
+    pub paths: Vec<String>,
+    /// The paths have been listed: `files` and `bytes` are final.
+    pub listed: bool,
+    pub files: u64,
+    pub files_cached: u64,
+    pub bytes: u64,
+    pub bytes_cached: u64,
+    /// Files not wholly cached, by path from the source's root; at most
+    /// [`NOT_CACHED_SHOWN`] of `files - files_cached`.
+    pub not_cached: Vec<String>,
+    /// Listed, every byte cached, and no error.
+    pub complete: bool,
+    /// Why the preload stopped, if it did ("" otherwise).
+    pub error: String,
+}
+
+/// Bounds the `stat` answer (an xattr) however big the preload.
+pub const NOT_CACHED_SHOWN: usize = 100;
+
+/// Asked at every snapshot, so `stat` and `/readyz` see the cache as it is.
+#[derive(Default)]
+pub struct PreloadProbe(Mutex<Option<Box<dyn Fn() -> PreloadStatus + Send + Sync>>>);
+
+impl PreloadProbe {
+    pub fn set(&self, f: impl Fn() -> PreloadStatus + Send + Sync + 'static) {
+        *self.0.lock() = Some(Box::new(f));
+    }
+}
+
+impl std::fmt::Debug for PreloadProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreloadProbe")
+    }
+}
+
 #[derive(Default, Debug)]
 pub struct Stats {
     pub bytes_served: AtomicU64,
@@ -37,6 +77,7 @@ pub struct Stats {
     pub opens: AtomicU64,
     pub chunks_served_to_peers: AtomicU64,
     pub peers: Mutex<BTreeMap<String, PeerCounters>>,
+    pub preload: PreloadProbe,
 }
 
 pub fn add(c: &AtomicU64, n: u64) {
@@ -74,6 +115,9 @@ pub struct StatsSnapshot {
     pub chunks_served_to_peers: u64,
     /// By peer address (and the warm-up service's URL).
     pub peers: BTreeMap<String, PeerCounters>,
+    /// `--preload` of a mount or `serve`; null without one.
+    #[serde(default)]
+    pub preload: Option<PreloadStatus>,
 }
 
 impl Stats {
@@ -101,6 +145,7 @@ impl Stats {
         s.passthrough_opens = g(&self.passthrough_opens);
         s.chunks_served_to_peers = g(&self.chunks_served_to_peers);
         s.peers = self.peers.lock().clone();
+        s.preload = self.preload.0.lock().as_ref().map(|f| f());
         let (hits, misses) = (g(&self.cache_hits), g(&self.cache_misses));
         s.hit_ratio = if hits + misses == 0 {
             0.0

@@ -23,6 +23,7 @@ use crate::args::{CacheArgs, SourceArgs};
 use crate::fuse::ModelFs;
 use crate::group::{Group, GroupArgs};
 use crate::mountpoint;
+use crate::preload::Preload;
 
 const READY_FD: &str = "MODELFS_READY_FD";
 
@@ -46,6 +47,11 @@ pub struct MountArgs {
     /// Stay attached instead of running in the background
     #[arg(long)]
     pub foreground: bool,
+    /// Cache PATH in full once mounted ("/" for everything), through peers,
+    /// warm-up service and origin; repeatable. /readyz and `warm --check`
+    /// answer for these paths
+    #[arg(long)]
+    pub preload: Vec<String>,
     /// Log of the background daemon (default: /tmp/modelfs-<mount>.log)
     #[arg(long)]
     pub log_file: Option<PathBuf>,
@@ -195,7 +201,8 @@ fn start(args: &MountArgs) -> Result<Mounted> {
             .engine_config(source.id(), args.prefetch_concurrency)?,
         |stats| group.tiers(stats),
     )?;
-    group.serve(&engine, rt.handle())?;
+    let preload = (!args.preload.is_empty()).then(|| Preload::new(&engine, args.preload.clone()));
+    group.serve(&engine, rt.handle(), Some(&mp))?;
     let fs = ModelFs::new(engine, rt.handle().clone(), SystemTime::now());
     let mut config = Config::default();
     config.mount_options = vec![
@@ -219,6 +226,9 @@ fn start(args: &MountArgs) -> Result<Mounted> {
         .spawn()?;
     if let Err(e) = mountpoint::set_readahead(&mp, args.read_ahead.0 / 1024) {
         warn!("readahead stays at the kernel default: {e:#}");
+    }
+    if let Some(p) = preload {
+        rt.spawn(p.run(args.prefetch_concurrency.max(1)));
     }
     Ok(Mounted {
         _rt: rt,

@@ -7,6 +7,7 @@ mod group;
 mod inodes;
 mod metrics;
 mod mountpoint;
+mod preload;
 mod push;
 mod serve;
 mod synth;
