@@ -24,8 +24,17 @@ use modelfs_engine::size::ByteSize;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log lines as text, or as one JSON object per event (log collectors)
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MODELFS_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -69,15 +78,20 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MODELFS_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    let cli_format = cli.log_format;
     let result = match cli.cmd {
         Cmd::Mount(args) => daemon::mount(args),
         Cmd::Push(args) => push::run(args),
@@ -97,7 +111,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("modelfs: {e:#}");
+            match cli_format {
+                LogFormat::Text => eprintln!("modelfs: {e:#}"),
+                LogFormat::Json => tracing::error!("{e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

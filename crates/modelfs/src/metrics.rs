@@ -2,7 +2,7 @@
 //! group's token: `/metrics` (Prometheus), `/healthz` (the mount answers) and
 //! `/readyz` (everything `--preload` names is cached). The engine keeps its
 //! own atomics (they feed `stat`); they are copied into the metrics registry
-//! every two seconds.
+//! every two seconds. Fetch times per tier are recorded by the tiers.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,8 +36,15 @@ pub fn export(
     mountpoint: Option<&Path>,
 ) -> Result<()> {
     let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ],
+        )?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    describe();
     let listener =
         std::net::TcpListener::bind(addr).with_context(|| format!("--metrics-listen {addr}"))?;
     listener.set_nonblocking(true)?;
@@ -71,14 +78,87 @@ pub fn export(
     Ok(())
 }
 
+/// HELP text of every metric, registered once with the recorder.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "modelfs_read_bytes_total",
+        Unit::Bytes,
+        "Bytes of chunks that reads got, by where they came from: cache, peer, warmup or source"
+    );
+    describe_counter!(
+        "modelfs_served_bytes_total",
+        Unit::Bytes,
+        "Bytes returned to readers through the mount (not those the kernel served from its page cache or by passthrough)"
+    );
+    describe_counter!(
+        "modelfs_chunks_evicted_total",
+        "Chunks evicted from the cache (LRU)"
+    );
+    describe_counter!(
+        "modelfs_chunks_prefetched_total",
+        "Chunks fetched ahead of readers"
+    );
+    describe_counter!(
+        "modelfs_chunks_served_to_peers_total",
+        "Chunks this node served to its peer group"
+    );
+    describe_counter!(
+        "modelfs_crc_failures_total",
+        "Chunks dropped because their crc32c did not match"
+    );
+    describe_counter!(
+        "modelfs_source_requests_total",
+        "Requests to the source (origin)"
+    );
+    describe_counter!(
+        "modelfs_source_errors_total",
+        "Requests to the source that failed"
+    );
+    describe_counter!(
+        "modelfs_read_errors_total",
+        "Reads that returned an error to the reader"
+    );
+    describe_counter!(
+        "modelfs_passthrough_opens_total",
+        "Opens served by FUSE passthrough from the cache file"
+    );
+    describe_counter!(
+        "modelfs_peer_errors_total",
+        "Failed requests to peers and the warm-up service"
+    );
+    describe_gauge!(
+        "modelfs_cache_used_bytes",
+        Unit::Bytes,
+        "Bytes of chunks in the cache"
+    );
+    describe_gauge!("modelfs_cache_capacity_bytes", Unit::Bytes, "--cache-size");
+    describe_gauge!("modelfs_chunks_cached", "Chunks in the cache");
+    describe_gauge!(
+        "modelfs_preload_complete",
+        "1 once everything --preload names is cached, else 0"
+    );
+    describe_histogram!(
+        "modelfs_fetch_duration_seconds",
+        Unit::Seconds,
+        "Time to get one missed chunk from a tier: peer, warmup or source"
+    );
+}
+
+/// The engine's counters, under names that follow Prometheus conventions:
+/// the unit, then `_total`; the tier as a label with four values.
 fn copy_counters(engine: &Engine) {
     let s = engine.snapshot();
+    for (tier, v) in [
+        ("cache", s.bytes_from_cache),
+        ("peer", s.bytes_from_peers),
+        ("warmup", s.bytes_from_warmup),
+        ("source", s.bytes_from_source),
+    ] {
+        counter!("modelfs_read_bytes_total", "tier" => tier).absolute(v);
+    }
     for (name, v) in [
-        ("modelfs_bytes_served_total", s.bytes_served),
-        ("modelfs_bytes_from_cache_total", s.bytes_from_cache),
-        ("modelfs_bytes_from_source_total", s.bytes_from_source),
-        ("modelfs_bytes_from_peers_total", s.bytes_from_peers),
-        ("modelfs_bytes_from_warmup_total", s.bytes_from_warmup),
+        ("modelfs_served_bytes_total", s.bytes_served),
         ("modelfs_chunks_evicted_total", s.chunks_evicted),
         ("modelfs_chunks_prefetched_total", s.chunks_prefetched),
         (
@@ -90,15 +170,20 @@ fn copy_counters(engine: &Engine) {
         ("modelfs_source_errors_total", s.source_errors),
         ("modelfs_read_errors_total", s.read_errors),
         ("modelfs_passthrough_opens_total", s.passthrough_opens),
+        // Summed over peers: pod addresses change with every rollout, an
+        // unbounded label; `stat` has them one by one.
+        (
+            "modelfs_peer_errors_total",
+            s.peers.values().map(|c| c.errors).sum(),
+        ),
     ] {
         counter!(name).absolute(v);
     }
-    gauge!("modelfs_cache_bytes_used").set(s.cache_bytes_used as f64);
-    gauge!("modelfs_cache_bytes_capacity").set(s.cache_bytes_capacity as f64);
+    gauge!("modelfs_cache_used_bytes").set(s.cache_bytes_used as f64);
+    gauge!("modelfs_cache_capacity_bytes").set(s.cache_bytes_capacity as f64);
     gauge!("modelfs_chunks_cached").set(s.chunks_cached as f64);
-    for (peer, c) in &s.peers {
-        counter!("modelfs_peer_bytes_total", "peer" => peer.clone()).absolute(c.bytes);
-        counter!("modelfs_peer_errors_total", "peer" => peer.clone()).absolute(c.errors);
+    if let Some(p) = &s.preload {
+        gauge!("modelfs_preload_complete").set(if p.complete { 1.0 } else { 0.0 });
     }
 }
 

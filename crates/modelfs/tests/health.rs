@@ -140,7 +140,7 @@ fn readyz_and_warm_check_answer_for_the_preload_before_and_after() {
     // Metrics at /metrics only.
     let (code, body) = get(&addr, "/metrics");
     assert_eq!(code, 200);
-    assert!(body.contains("modelfs_cache_bytes_used"), "{body}");
+    assert!(body.contains("modelfs_cache_used_bytes"), "{body}");
     assert_eq!(get(&addr, "/").0, 404);
     assert_eq!(get(&addr, "/anything").0, 404);
 
