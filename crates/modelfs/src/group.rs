@@ -19,7 +19,8 @@ use crate::args::secs;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GroupArgs {
-    /// The service's instances: host:port,host:port or dns:NAME:PORT (re-resolved every 5 s)
+    /// The service's instances: host:port,host:port or dns:NAME:PORT (A and AAAA, re-resolved
+    /// every 5 s; a name that does not resolve yet starts this node alone)
     #[arg(long)]
     pub peers: Option<PeerSpec>,
     /// Serve this node's chunks to the group on ADDR:PORT
