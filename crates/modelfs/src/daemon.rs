@@ -25,7 +25,7 @@ use crate::group::{Group, GroupArgs};
 use crate::mountpoint;
 use crate::preload::Preload;
 
-const READY_FD: &str = "MODELFS_READY_FD";
+pub(crate) const READY_FD: &str = "MODELFS_READY_FD";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct MountArgs {

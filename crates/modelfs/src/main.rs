@@ -1,4 +1,5 @@
 mod args;
+mod config;
 mod control;
 mod daemon;
 mod demo;
@@ -16,7 +17,7 @@ mod warm;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
 use modelfs_engine::size::ByteSize;
 
 /// modelfs: AI model weights from object storage or a NAS, as a read-only
@@ -49,6 +50,9 @@ enum Cmd {
     Warm(warm::WarmArgs),
     /// Unmount a modelfs mount, even with files open on it
     Unmount { mountpoint: PathBuf },
+    /// Start every mount and warm-up service a config file describes, in the
+    /// foreground; SIGTERM stops them all
+    Run(config::RunArgs),
     /// Counters of a mount: bytes by tier, cache use, passthrough
     Stat {
         mountpoint: PathBuf,
@@ -77,8 +81,33 @@ enum Cmd {
     },
 }
 
+/// Every flag of `mount`, `serve` and `run` may also come from the
+/// environment as MODELFS_<FLAG> (`--cache-size`: MODELFS_CACHE_SIZE), for
+/// containers and systemd units; a flag on the command line wins.
+fn with_env(cmd: clap::Command) -> clap::Command {
+    fn flags(c: clap::Command) -> clap::Command {
+        let envs: Vec<(String, &'static str)> = c
+            .get_arguments()
+            .filter(|a| a.get_env().is_none())
+            .filter(|a| !matches!(a.get_action(), ArgAction::Help | ArgAction::Version))
+            .filter_map(|a| {
+                let long = a.get_long()?;
+                let env = format!("MODELFS_{}", long.to_uppercase().replace('-', "_"));
+                // clap keeps names as &'static str; a few bytes, once per run.
+                Some((a.get_id().to_string(), &*Box::leak(env.into_boxed_str())))
+            })
+            .collect();
+        envs.into_iter()
+            .fold(c, |c, (id, env)| c.mut_arg(id, |a| a.env(env)))
+    }
+    cmd.mut_subcommand("mount", flags)
+        .mut_subcommand("serve", flags)
+        .mut_subcommand("run", flags)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli =
+        Cli::from_arg_matches(&with_env(Cli::command()).get_matches()).unwrap_or_else(|e| e.exit());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MODELFS_LOG")
@@ -92,11 +121,21 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
     let cli_format = cli.log_format;
+    // Processes this one starts (the background daemon, `run`'s mounts and
+    // services) log the same way.
+    std::env::set_var(
+        "MODELFS_LOG_FORMAT",
+        match cli_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        },
+    );
     let result = match cli.cmd {
         Cmd::Mount(args) => daemon::mount(args),
         Cmd::Push(args) => push::run(args),
         Cmd::Serve(args) => serve::run(args),
         Cmd::Warm(args) => warm::run(args),
+        Cmd::Run(args) => config::run(args),
         Cmd::Unmount { mountpoint } => control::unmount(&mountpoint),
         Cmd::Stat { mountpoint, json } => control::stat(&mountpoint, json),
         Cmd::Demo { size, files } => demo::run(size, files),
