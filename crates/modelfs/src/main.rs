@@ -137,7 +137,14 @@ fn main() -> ExitCode {
         Cmd::Warm(args) => warm::run(args),
         Cmd::Run(args) => config::run(args),
         Cmd::Unmount { mountpoint } => control::unmount(&mountpoint),
-        Cmd::Stat { mountpoint, json } => control::stat(&mountpoint, json),
+        Cmd::Stat { mountpoint, json } => {
+            // `stat | head`: end quietly on a closed pipe, as cat does, instead
+            // of panicking in println!. Only here: the daemons must survive a
+            // peer closing a socket.
+            // SAFETY: restoring a signal's default disposition.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            control::stat(&mountpoint, json)
+        }
         Cmd::Demo { size, files } => demo::run(size, files),
         Cmd::Synth {
             dir,

@@ -87,3 +87,28 @@ fn foreground_mount_stops_on_sigint() {
     assert!(status.success(), "{status}");
     assert!(!is_mounted(&mp));
 }
+
+#[test]
+fn stat_into_a_closed_pipe_does_not_panic() {
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), 1 << 20, 9);
+    let m = w.mount(&[]);
+    for json in [false, true] {
+        let mut cmd = Command::new(bin());
+        cmd.args(["stat", m.mp.to_str().unwrap()]);
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // `| head` that has already exited.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+        assert_ne!(out.status.code(), Some(101), "{err}");
+    }
+}
