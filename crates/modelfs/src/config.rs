@@ -398,6 +398,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             let child = Command::new(std::env::current_exe()?)
                 .arg("serve")
                 .args(s)
+                .env_remove("NOTIFY_SOCKET")
                 .spawn()
                 .context("starting modelfs serve")?;
             running.push(Running {
@@ -431,6 +432,11 @@ pub fn run(a: RunArgs) -> Result<()> {
         "everything in {} is running",
         a.config.display()
     );
+    crate::host::notify_ready(&format!(
+        "{} mounts and {} services running",
+        plan.mounts.len(),
+        plan.serves.len()
+    ));
     let mut failed = None;
     while !stop.load(Ordering::Relaxed) && failed.is_none() {
         for r in &mut running {
@@ -444,6 +450,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     if let Some(e) = &failed {
         error!("{e:#}");
     }
+    crate::host::notify_stopping();
     stop_all(&mut running);
     failed.map_or(Ok(()), Err)
 }
@@ -492,7 +499,9 @@ fn start_mount(argv: &[String]) -> Result<Child> {
     cmd.arg("mount")
         .args(argv)
         .arg("--foreground")
-        .env(crate::daemon::READY_FD, wfd.to_string());
+        .env(crate::daemon::READY_FD, wfd.to_string())
+        // systemd hears from `run` once everything is up, not from each child.
+        .env_remove("NOTIFY_SOCKET");
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {

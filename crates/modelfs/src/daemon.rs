@@ -253,6 +253,11 @@ fn run(args: MountArgs, mut ready: Option<File>) -> Result<()> {
     info!(source = %args.source, mountpoint = %mounted.mountpoint.display(), "mounted");
     tell("ok");
     drop(ready);
+    crate::host::notify_ready(&format!(
+        "{} mounted at {}",
+        args.source,
+        mounted.mountpoint.display()
+    ));
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -268,6 +273,7 @@ fn run(args: MountArgs, mut ready: Option<File>) -> Result<()> {
 /// Detaches the mount (open files do not keep it busy) and lets the session
 /// end; readers still holding files get ENOTCONN once we exit.
 fn shutdown(m: Mounted) {
+    crate::host::notify_stopping();
     if mountpoint::mounted_at(&m.mountpoint).is_some() {
         if let Err(e) = mountpoint::lazy_unmount(&m.mountpoint) {
             warn!("{e:#}");

@@ -5,6 +5,7 @@ mod daemon;
 mod demo;
 mod fuse;
 mod group;
+mod host;
 mod inodes;
 mod metrics;
 mod mountpoint;
@@ -105,9 +106,38 @@ fn with_env(cmd: clap::Command) -> clap::Command {
         .mut_subcommand("run", flags)
 }
 
+/// Replaces this process with the `modelfs mount` an fstab line stands for;
+/// returns only what went wrong.
+fn exec_fstab_mount(argv: anyhow::Result<Vec<String>>) -> anyhow::Error {
+    let argv = match argv {
+        Ok(a) => a,
+        Err(e) => return e,
+    };
+    // Bad options are refused here, in one line, before anything starts.
+    if let Err(e) = with_env(Cli::command()).try_get_matches_from(&argv) {
+        let text = e.to_string();
+        let line = text.lines().next().unwrap_or_default();
+        return anyhow::anyhow!("fstab options: {}", line.trim_start_matches("error: "));
+    }
+    match std::env::current_exe() {
+        Ok(exe) => std::os::unix::process::CommandExt::exec(
+            std::process::Command::new(exe).args(&argv[1..]),
+        )
+        .into(),
+        Err(e) => e.into(),
+    }
+}
+
 fn main() -> ExitCode {
-    let cli =
-        Cli::from_arg_matches(&with_env(Cli::command()).get_matches()).unwrap_or_else(|e| e.exit());
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Started by mount(8) for an fstab line: become `modelfs mount ...`
+    // (exec, so that the background mount re-runs this binary as itself).
+    if let Some(argv) = host::helper_argv(&args) {
+        eprintln!("modelfs: {:#}", exec_fstab_mount(argv));
+        return ExitCode::FAILURE;
+    }
+    let cli = Cli::from_arg_matches(&with_env(Cli::command()).get_matches_from(args))
+        .unwrap_or_else(|e| e.exit());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MODELFS_LOG")
