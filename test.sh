@@ -24,6 +24,10 @@ if ! python3 -c 'import safetensors, numpy, azure.storage.blob' 2>/dev/null; the
   log "installing Python safetensors, numpy and azure-storage-blob"
   python3 -m pip install -q safetensors numpy azure-storage-blob
 fi
+if ! command -v gcp-storage-emulator >/dev/null; then
+  log "installing gcp-storage-emulator (Google Cloud Storage's JSON API, for gs:// tests)"
+  python3 -m pip install -q gcp-storage-emulator
+fi
 if ! command -v kubernetes-validate >/dev/null; then
   log "installing kubernetes-validate (Kubernetes schemas, offline)"
   python3 -m pip install -q kubernetes-validate

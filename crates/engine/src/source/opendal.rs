@@ -57,7 +57,24 @@ impl OpendalSource {
     }
 
     fn err(&self, path: &str, e: opendal::Error) -> Error {
+        // Object stores answer in XML or JSON; a web page means --endpoint
+        // names some other server, whatever status it gave.
+        if e.to_string().to_lowercase().contains("text/html") {
+            return Error::Source {
+                path: self.id.clone(),
+                msg: format!(
+                    "the endpoint does not speak the {} API (it answered with a web page); check --endpoint",
+                    service_name(&self.id)
+                ),
+            };
+        }
         match e.kind() {
+            // The root itself missing is the bucket missing (GCS answers a
+            // plain 404 where S3 names NoSuchBucket).
+            ErrorKind::NotFound if path.is_empty() => Error::Source {
+                path: self.id.clone(),
+                msg: "the bucket does not exist; check the name in the URL and the endpoint".into(),
+            },
             ErrorKind::NotFound if !e.to_string().contains("NoSuchBucket") => {
                 Error::NotFound(path.to_string())
             }
@@ -66,6 +83,15 @@ impl OpendalSource {
                 msg: describe(&self.id, &e),
             },
         }
+    }
+}
+
+fn service_name(url: &str) -> &'static str {
+    match url.split_once("://").map(|s| s.0) {
+        Some("oss") => "OSS",
+        Some("gs" | "gcs") => "Google Cloud Storage",
+        Some("azblob") => "Azure Blob",
+        _ => "S3",
     }
 }
 

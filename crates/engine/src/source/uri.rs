@@ -150,8 +150,23 @@ pub fn operator(url: &str, opts: &SourceOptions) -> Result<(String, Operator)> {
         "gs" | "gcs" => {
             let (bucket, root) = bucket_and_root(rest, url)?;
             let mut b = services::Gcs::default().bucket(&bucket).root(&root);
-            if let Some(e) = &opts.endpoint {
-                b = b.endpoint(e);
+            // STORAGE_EMULATOR_HOST, as Google's own client libraries read it:
+            // an emulator, which takes no credentials.
+            let emulator = std::env::var("STORAGE_EMULATOR_HOST")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .map(|h| {
+                    if h.contains("://") {
+                        h
+                    } else {
+                        format!("http://{h}")
+                    }
+                });
+            if let Some(e) = opts.endpoint.clone().or(emulator.clone()) {
+                b = b.endpoint(&e);
+            }
+            if emulator.is_some() {
+                b = b.skip_signature().disable_vm_metadata().disable_config_load();
             }
             Operator::new(b).map_err(bad)?
         }
