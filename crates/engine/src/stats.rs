@@ -15,6 +15,46 @@ pub struct PeerCounters {
     pub crc_failures: u64,
 }
 
+/// How far `--preload` has got, live: what it names, and how much of that is
+/// in the cache now (chunks can be evicted after the preload finished).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PreloadStatus {
+    /// The paths as given to `--preload`.
+    pub paths: Vec<String>,
+    /// The paths have been listed: `files` and `bytes` are final.
+    pub listed: bool,
+    pub files: u64,
+    pub files_cached: u64,
+    pub bytes: u64,
+    pub bytes_cached: u64,
+    /// Files not wholly cached, by path from the source's root; at most
+    /// [`NOT_CACHED_SHOWN`] of `files - files_cached`.
+    pub not_cached: Vec<String>,
+    /// Listed, every byte cached, and no error.
+    pub complete: bool,
+    /// Why the preload stopped, if it did ("" otherwise).
+    pub error: String,
+}
+
+/// Bounds the `stat` answer (an xattr) however big the preload.
+pub const NOT_CACHED_SHOWN: usize = 100;
+
+/// Asked at every snapshot, so `stat` and `/readyz` see the cache as it is.
+#[derive(Default)]
+pub struct PreloadProbe(Mutex<Option<Box<dyn Fn() -> PreloadStatus + Send + Sync>>>);
+
+impl PreloadProbe {
+    pub fn set(&self, f: impl Fn() -> PreloadStatus + Send + Sync + 'static) {
+        *self.0.lock() = Some(Box::new(f));
+    }
+}
+
+impl std::fmt::Debug for PreloadProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreloadProbe")
+    }
+}
+
 #[derive(Default, Debug)]
 pub struct Stats {
     pub bytes_served: AtomicU64,
@@ -40,6 +80,7 @@ pub struct Stats {
     pub reads_uncached: AtomicU64,
     pub bytes_uncached: AtomicU64,
     pub peers: Mutex<BTreeMap<String, PeerCounters>>,
+    pub preload: PreloadProbe,
 }
 
 pub fn add(c: &AtomicU64, n: u64) {
@@ -90,6 +131,9 @@ pub struct StatsSnapshot {
     pub bytes_uncached: u64,
     /// Chunks that could not be written to the cache (full filesystem, I/O).
     pub cache_write_errors: u64,
+    /// `--preload` of a mount or `serve`; null without one.
+    #[serde(default)]
+    pub preload: Option<PreloadStatus>,
 }
 
 impl Stats {
@@ -120,6 +164,7 @@ impl Stats {
         s.bytes_uncached = g(&self.bytes_uncached);
         s.cache_write_errors = g(&self.cache_write_errors);
         s.peers = self.peers.lock().clone();
+        s.preload = self.preload.0.lock().as_ref().map(|f| f());
         let (hits, misses) = (g(&self.cache_hits), g(&self.cache_misses));
         s.hit_ratio = if hits + misses == 0 {
             0.0

@@ -5,6 +5,7 @@
 use std::ops::Range;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -49,6 +50,18 @@ impl Tier for OriginTier {
     }
 
     async fn fetch(&self, file: &FileVersion, _index: u64, range: Range<u64>) -> Result<Bytes> {
-        self.0.read(file, range).await
+        let t = Instant::now();
+        let r = self.0.read(file, range).await;
+        record_fetch("source", t, &r);
+        r
+    }
+}
+
+/// Time to get a chunk from `tier`, for `--metrics-listen`'s histogram (a
+/// no-op without it). Failures are left out: their time is the timeout's.
+pub(crate) fn record_fetch(tier: &'static str, since: Instant, r: &Result<Bytes>) {
+    if r.is_ok() {
+        metrics::histogram!("modelfs_fetch_duration_seconds", "tier" => tier)
+            .record(since.elapsed().as_secs_f64());
     }
 }

@@ -66,10 +66,11 @@ pub fn progress_bar(total: u64) -> Result<ProgressBar> {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SourceArgs {
-    /// Object store endpoint, e.g. http://10.0.0.5:9000 (default: the service's own)
+    /// Object store endpoint, e.g. http://10.0.0.5:9000 (default: the service's own; for S3
+    /// also AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the AWS profile's endpoint_url)
     #[arg(long, env = "MODELFS_ENDPOINT")]
     pub endpoint: Option<String>,
-    /// Object store region (S3)
+    /// Object store region (S3; else AWS_DEFAULT_REGION, the AWS profile's, us-east-1)
     #[arg(long, env = "AWS_REGION")]
     pub region: Option<String>,
     /// S3 virtual-hosted addressing (bucket.endpoint) instead of path style

@@ -23,8 +23,9 @@ use crate::args::{CacheArgs, SourceArgs};
 use crate::fuse::ModelFs;
 use crate::group::{Group, GroupArgs};
 use crate::mountpoint;
+use crate::preload::Preload;
 
-const READY_FD: &str = "MODELFS_READY_FD";
+pub(crate) const READY_FD: &str = "MODELFS_READY_FD";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct MountArgs {
@@ -46,6 +47,11 @@ pub struct MountArgs {
     /// Stay attached instead of running in the background
     #[arg(long)]
     pub foreground: bool,
+    /// Cache PATH in full once mounted ("/" for everything), through peers,
+    /// warm-up service and origin; repeatable. /readyz and `warm --check`
+    /// answer for these paths
+    #[arg(long)]
+    pub preload: Vec<String>,
     /// Log of the background daemon (default: /tmp/modelfs-<mount>.log)
     #[arg(long)]
     pub log_file: Option<PathBuf>,
@@ -226,7 +232,8 @@ fn start(args: &MountArgs) -> Result<Mounted> {
             .engine_config(source.id(), args.prefetch_concurrency)?,
         |stats| group.tiers(stats),
     )?;
-    group.serve(&engine, rt.handle())?;
+    let preload = (!args.preload.is_empty()).then(|| Preload::new(&engine, args.preload.clone()));
+    group.serve(&engine, rt.handle(), Some(&mp))?;
     let fs = ModelFs::new(engine, rt.handle().clone(), SystemTime::now());
     let dev = mountpoint::mount_fuse(&mp, source.id())?;
     let mut config = Config::default();
@@ -243,6 +250,9 @@ fn start(args: &MountArgs) -> Result<Mounted> {
     };
     if let Err(e) = mountpoint::set_readahead(&mp, args.read_ahead.0 / 1024) {
         warn!("readahead stays at the kernel default: {e:#}");
+    }
+    if let Some(p) = preload {
+        rt.spawn(p.run(args.prefetch_concurrency.max(1)));
     }
     Ok(Mounted {
         _rt: rt,
@@ -267,6 +277,11 @@ fn run(args: MountArgs, mut ready: Option<File>) -> Result<()> {
     info!(source = %args.source, mountpoint = %mounted.mountpoint.display(), "mounted");
     tell("ok");
     drop(ready);
+    crate::host::notify_ready(&format!(
+        "{} mounted at {}",
+        args.source,
+        mounted.mountpoint.display()
+    ));
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -282,6 +297,7 @@ fn run(args: MountArgs, mut ready: Option<File>) -> Result<()> {
 /// Detaches the mount (open files do not keep it busy) and lets the session
 /// end; readers still holding files get ENOTCONN once we exit.
 fn shutdown(m: Mounted) {
+    crate::host::notify_stopping();
     if mountpoint::mounted_at(&m.mountpoint).is_some() {
         if let Err(e) = mountpoint::lazy_unmount(&m.mountpoint) {
             warn!("{e:#}");

@@ -19,7 +19,8 @@ use crate::args::secs;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GroupArgs {
-    /// The service's instances: host:port,host:port or dns:NAME:PORT (re-resolved every 5 s)
+    /// The service's instances: host:port,host:port or dns:NAME:PORT (A and AAAA, re-resolved
+    /// every 5 s; a name that does not resolve yet starts this node alone)
     #[arg(long)]
     pub peers: Option<PeerSpec>,
     /// Serve this node's chunks to the group on ADDR:PORT
@@ -31,7 +32,7 @@ pub struct GroupArgs {
     /// File holding the group's shared token (required with the options above)
     #[arg(long)]
     pub peer_token_file: Option<PathBuf>,
-    /// Serve Prometheus metrics on ADDR:PORT (/metrics)
+    /// Serve /metrics (Prometheus), /healthz and /readyz on ADDR:PORT, without the token
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
     /// Seconds to connect to a peer or get a chunk from its cache; a peer that
@@ -131,10 +132,16 @@ impl Group {
         t
     }
 
-    /// Starts the chunk server, if this node listens, and the metrics endpoint.
-    pub fn serve(&mut self, engine: &Arc<Engine>, rt: &tokio::runtime::Handle) -> Result<()> {
+    /// Starts the chunk server, if this node listens, and the metrics and
+    /// health endpoints (`/healthz` asks `mountpoint`, if any).
+    pub fn serve(
+        &mut self,
+        engine: &Arc<Engine>,
+        rt: &tokio::runtime::Handle,
+        mountpoint: Option<&std::path::Path>,
+    ) -> Result<()> {
         if let Some(addr) = self.metrics_listen.take() {
-            crate::metrics::export(addr, engine.clone(), rt)?;
+            crate::metrics::export(addr, engine.clone(), rt, mountpoint)?;
         }
         let Some(l) = self.listener.take() else {
             return Ok(());

@@ -6,16 +6,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use modelfs_engine::size::ByteSize;
 use modelfs_engine::source::open_source;
-use modelfs_engine::{Engine, FileVersion};
-use tracing::info;
+use modelfs_engine::Engine;
 
 use crate::args::{CacheArgs, SourceArgs};
 use crate::group::{Group, GroupArgs};
+use crate::preload::Preload;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -34,7 +34,7 @@ pub struct ServeArgs {
     pub concurrency: usize,
     #[arg(long)]
     pub peer_token_file: PathBuf,
-    /// Serve Prometheus metrics on ADDR:PORT (/metrics)
+    /// Serve /metrics (Prometheus), /healthz and /readyz (preload complete) on ADDR:PORT
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
@@ -63,36 +63,27 @@ pub fn run(a: ServeArgs) -> Result<()> {
     ))?;
     let cfg = a.cache.engine_config(source.id(), 0)?;
     let engine = Engine::new(source, cfg, |_| vec![])?;
-    group.serve(&engine, rt.handle())?;
+    group.serve(&engine, rt.handle(), None)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    for prefix in &a.preload {
-        let t = Instant::now();
-        let files = rt.block_on(engine.namespace().walk(prefix))?;
-        let total: u64 = files.iter().map(|f| f.1.size).sum();
-        for (path, meta) in &files {
-            let file = FileVersion {
-                path: path.clone(),
-                version: meta.version.clone(),
-                size: meta.size,
-            };
-            rt.block_on(engine.warm_file(&file, a.concurrency))?;
+    if !a.preload.is_empty() {
+        let preload = Preload::new(&engine, a.preload.clone());
+        // A failed preload leaves the service up, serving what it has and
+        // fetching the rest; /readyz says why it is not ready.
+        match rt.block_on(preload.clone().run(a.concurrency)) {
+            Ok(()) => {
+                let s = preload.status();
+                println!(
+                    "modelfs serve: preload complete: {} files, {}",
+                    s.files,
+                    ByteSize(s.bytes)
+                );
+            }
+            Err(e) => println!("modelfs serve: preload failed: {e:#}"),
         }
-        info!(
-            prefix,
-            files = files.len(),
-            bytes = %ByteSize(total),
-            secs = t.elapsed().as_secs_f64(),
-            "preloaded"
-        );
-        println!(
-            "modelfs serve: preloaded {prefix}: {} files, {}",
-            files.len(),
-            ByteSize(total)
-        );
     }
     println!("modelfs serve: serving {} on {}", a.source, a.listen);
     while !stop.load(Ordering::Relaxed) {

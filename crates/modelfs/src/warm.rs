@@ -1,6 +1,6 @@
 //! `modelfs warm PATH`: fill this node's cache with everything under PATH (in
 //! a modelfs mount) through the normal read path: peers, warm-up service,
-//! origin. `--wait` is what a Kubernetes init container runs.
+//! origin, in the foreground; `--check` is the cheap probe that reads nothing.
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use modelfs_engine::size::ByteSize;
 
 use crate::args::progress_bar;
@@ -20,7 +20,16 @@ use crate::mountpoint::{mounted_at, FSTYPE};
 pub struct WarmArgs {
     /// A modelfs mount, or a directory or file in one
     pub path: PathBuf,
-    /// Stay until everything is cached (exit 0) instead of warming in the background
+    /// More paths: to warm, or with --check to check (relative to the mount or absolute)
+    pub paths: Vec<PathBuf>,
+    /// Exit 0 if everything named is cached, 1 if not, reading no byte (a
+    /// probe); answers for paths under the mount's --preload, all of it by default
+    #[arg(long)]
+    pub check: bool,
+    /// Warm in the background and return at once
+    #[arg(long, conflicts_with_all = ["check", "wait"])]
+    pub background: bool,
+    /// Stay until everything is cached (the default; kept for scripts)
     #[arg(long)]
     pub wait: bool,
     /// Files read at once
@@ -50,12 +59,96 @@ fn files_under(p: &Path, out: &mut Vec<(PathBuf, u64)>) -> Result<()> {
     Ok(())
 }
 
-pub fn run(a: WarmArgs) -> Result<()> {
+/// `path` as the mount sees it: relative to its root, no slashes around.
+fn in_mount(root: &Path, path: &Path) -> Result<String> {
+    let abs = if path.is_absolute() {
+        crate::mountpoint::absolute(path)?
+    } else {
+        crate::mountpoint::absolute(&root.join(path))?
+    };
+    let rel = abs
+        .strip_prefix(root)
+        .map_err(|_| anyhow!("{} is not in the mount {}", path.display(), root.display()))?;
+    Ok(rel.to_string_lossy().trim_matches('/').to_string())
+}
+
+fn under(path: &str, dir: &str) -> bool {
+    dir.is_empty() || path == dir || path.starts_with(&format!("{dir}/"))
+}
+
+/// Answers from the daemon's preload status alone: no file is opened.
+fn check(a: &WarmArgs) -> Result<()> {
     let root = mount_root(&a.path)?;
-    if !a.wait {
+    let mut named = a
+        .paths
+        .iter()
+        .map(|p| in_mount(&root, p))
+        .collect::<Result<Vec<_>>>()?;
+    let first = in_mount(&root, &crate::mountpoint::absolute(&a.path)?)?;
+    if !first.is_empty() {
+        named.push(first);
+    }
+    let Some(p) = read_stats(&root)?.preload else {
+        bail!(
+            "{} was mounted without --preload; `warm --check` answers for what --preload names: mount with --preload PATH (\"/\" for everything)",
+            root.display()
+        );
+    };
+    if !p.error.is_empty() {
+        bail!("the preload failed: {}", p.error);
+    }
+    let preloaded: Vec<&str> = p.paths.iter().map(|x| x.trim_matches('/')).collect();
+    for n in &named {
+        if !preloaded.iter().any(|d| under(n, d)) {
+            bail!(
+                "{n} is not under the mount's --preload ({}); `warm --check` answers only for preloaded paths",
+                p.paths.join(" ")
+            );
+        }
+    }
+    if !p.listed {
+        bail!("not cached yet: the mount is still listing what --preload names");
+    }
+    let missing: Vec<&String> = p
+        .not_cached
+        .iter()
+        .filter(|f| named.is_empty() || named.iter().any(|n| under(f, n)))
+        .collect();
+    // The daemon names at most NOT_CACHED_SHOWN missing files.
+    let unlisted = (p.files - p.files_cached) as usize > p.not_cached.len();
+    let progress = format!(
+        "{} of {} files of the preload ({} of {})",
+        p.files_cached,
+        p.files,
+        ByteSize(p.bytes_cached),
+        ByteSize(p.bytes)
+    );
+    if p.complete || (missing.is_empty() && !unlisted) {
+        println!("modelfs: cached: {progress}");
+        return Ok(());
+    }
+    let mut names: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
+    if missing.len() > 5 || unlisted {
+        names.push("...");
+    }
+    bail!("not cached yet: {progress}; missing {}", names.join(", "))
+}
+
+pub fn run(a: WarmArgs) -> Result<()> {
+    if a.check {
+        return check(&a);
+    }
+    let mut roots = std::iter::once(&a.path)
+        .chain(&a.paths)
+        .map(|p| mount_root(p))
+        .collect::<Result<Vec<_>>>()?;
+    roots.sort();
+    roots.dedup();
+    if a.background {
         let child = Command::new(std::env::current_exe()?)
-            .args(["warm", "--wait", "--parallel", &a.parallel.to_string()])
+            .args(["warm", "--parallel", &a.parallel.to_string()])
             .arg(&a.path)
+            .args(&a.paths)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -68,10 +161,34 @@ pub fn run(a: WarmArgs) -> Result<()> {
         return Ok(());
     }
     let mut files = vec![];
-    files_under(&a.path, &mut files)?;
+    for p in std::iter::once(&a.path).chain(&a.paths) {
+        files_under(p, &mut files)?;
+    }
     let total: u64 = files.iter().map(|f| f.1).sum();
-    let evicted_before = read_stats(&root)?.chunks_evicted;
+    let mut evicted_before = vec![];
+    for root in &roots {
+        let s = read_stats(root)?;
+        let here: u64 = files
+            .iter()
+            .filter(|f| f.0.starts_with(root))
+            .map(|f| f.1)
+            .sum();
+        if here > s.cache_bytes_capacity {
+            bail!(
+                "the cache is too small: {} holds {} under {}, more than its --cache-size {}; raise --cache-size to at least {}",
+                a.path.display(),
+                ByteSize(here),
+                root.display(),
+                ByteSize(s.cache_bytes_capacity),
+                ByteSize(here)
+            );
+        }
+        evicted_before.push(s.chunks_evicted);
+    }
     let bar = progress_bar(total)?;
+    // Kubernetes logs are no terminal: one line per file instead of a bar.
+    let lines = bar.is_hidden();
+    let done = Mutex::new((0usize, 0u64));
     let t = Instant::now();
     let queue = Mutex::new(files.iter());
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
@@ -80,7 +197,7 @@ pub fn run(a: WarmArgs) -> Result<()> {
             s.spawn(|| {
                 let mut buf = vec![0u8; 8 << 20];
                 loop {
-                    let Some((path, _)) = queue.lock().unwrap().next() else {
+                    let Some((path, size)) = queue.lock().unwrap().next() else {
                         return;
                     };
                     let r = (|| -> Result<()> {
@@ -97,6 +214,19 @@ pub fn run(a: WarmArgs) -> Result<()> {
                         unsafe {
                             libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
                         };
+                        if lines {
+                            let mut d = done.lock().unwrap();
+                            *d = (d.0 + 1, d.1 + size);
+                            eprintln!(
+                                "modelfs: warmed {} ({}), {} of {} files, {} of {}",
+                                path.display(),
+                                ByteSize(*size),
+                                d.0,
+                                files.len(),
+                                ByteSize(d.1),
+                                ByteSize(total)
+                            );
+                        }
                         Ok(())
                     })();
                     if let Err(e) = r {
@@ -112,7 +242,10 @@ pub fn run(a: WarmArgs) -> Result<()> {
     if let Some(e) = failed.into_inner().unwrap() {
         return Err(e);
     }
-    let evicted = read_stats(&root)?.chunks_evicted - evicted_before;
+    let mut evicted = 0;
+    for (root, before) in roots.iter().zip(evicted_before) {
+        evicted += read_stats(root)?.chunks_evicted - before;
+    }
     if evicted > 0 {
         bail!("the cache is too small: {evicted} chunks were evicted while warming {}; raise --cache-size", ByteSize(total));
     }

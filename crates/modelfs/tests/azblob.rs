@@ -98,4 +98,19 @@ fn push_and_mount_azure_blob() {
         n += 1;
     }
     assert_eq!(n, 4);
+    drop(m);
+
+    // A wrong key: one line naming Azure's settings, never AWS's.
+    let out = Command::new(bin())
+        .args(["mount", "azblob://models/tiny", w.mnt().to_str().unwrap()])
+        .args(["--endpoint", &endpoint, "--retries", "0"])
+        .env("AZURE_STORAGE_ACCOUNT", ACCOUNT)
+        .env("AZURE_STORAGE_KEY", KEY.replace('E', "F"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("AZURE_STORAGE_KEY"), "{err}");
+    assert!(!err.contains("AWS"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
 }

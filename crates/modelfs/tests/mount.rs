@@ -198,11 +198,11 @@ fn prometheus_metrics_follow_the_counters() {
         let _ = s.read_to_string(&mut out);
         out
     };
-    let want = format!("modelfs_bytes_from_source_total {}", 5 << 20);
+    let want = format!("modelfs_read_bytes_total{{tier=\"source\"}} {}", 5 << 20);
     wait_until(
         "the metrics to show the read",
         Duration::from_secs(15),
         || scrape().contains(&want),
     );
-    assert!(scrape().contains("modelfs_cache_bytes_capacity"));
+    assert!(scrape().contains("modelfs_cache_capacity_bytes"));
 }

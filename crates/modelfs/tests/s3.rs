@@ -359,3 +359,46 @@ fn bad_object_store_inputs_fail_before_mounting() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn endpoint_and_region_come_from_the_aws_environment_and_profile() {
+    let g = garage();
+    let w = Work::new();
+    write_file(&w.src().join("m/a.bin"), (6 << 20) + 11, 21);
+    g.push(&w.src().join("m"), "s3://models/aws-env");
+    // The test Garage's credentials, without its AWS_REGION.
+    let creds: Vec<(String, String)> = g
+        .env
+        .iter()
+        .filter(|(k, _)| k.starts_with("AWS_") && k != "AWS_REGION")
+        .cloned()
+        .collect();
+    let config = w.dir.path().join("aws-config");
+    std::fs::write(
+        &config,
+        format!(
+            "[default]\nregion = us-east-1\n\n[profile garage]\nregion = garage\nendpoint_url = {}\n",
+            g.endpoint
+        ),
+    )
+    .unwrap();
+    let cases: [Vec<(&str, String)>; 2] = [
+        vec![
+            ("AWS_ENDPOINT_URL", g.endpoint.clone()),
+            ("AWS_DEFAULT_REGION", "garage".into()),
+        ],
+        vec![
+            ("AWS_CONFIG_FILE", config.display().to_string()),
+            ("AWS_PROFILE", "garage".into()),
+        ],
+    ];
+    for case in cases {
+        let mut env = creds.clone();
+        env.extend(case.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        let m = Mount::new("s3://models/aws-env", &w.mnt(), w.cache.path(), &[], &env);
+        assert_same_file(&w.src().join("m/a.bin"), &m.path("a.bin"));
+        drop(m);
+        std::fs::remove_dir_all(w.cache.path()).unwrap();
+        std::fs::create_dir(w.cache.path()).unwrap();
+    }
+}

@@ -1,5 +1,7 @@
 //! Who is in the group: a static list or a DNS name re-resolved every few
-//! seconds, minus peers that failed recently (backed off for a while).
+//! seconds (A and AAAA), minus peers that failed recently (backed off for a
+//! while). A DNS name that does not resolve yet is no error: a new headless
+//! Service has no records until its pods exist, so the node starts alone.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -42,10 +44,15 @@ impl std::str::FromStr for PeerSpec {
     }
 }
 
+/// How often a `dns:` name is resolved again.
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+
 pub struct Membership {
     spec: PeerSpec,
-    /// This node's own address among the members, if it is one.
-    me: Option<SocketAddr>,
+    listen: Option<SocketAddr>,
+    /// This node's own address among the members, if it is one; found again
+    /// whenever the members change.
+    me: Mutex<Option<SocketAddr>>,
     members: Mutex<Vec<SocketAddr>>,
     backoff: Mutex<HashMap<SocketAddr, Instant>>,
     backoff_for: Duration,
@@ -75,32 +82,46 @@ async fn resolve(spec: &PeerSpec) -> Result<Vec<SocketAddr>> {
         let addrs = tokio::net::lookup_host(&n)
             .await
             .map_err(|e| Error::Config(format!("peer {n}: {e}")))?;
-        out.extend(addrs.filter(|a| a.is_ipv4()));
+        out.extend(addrs);
     }
     out.sort();
     out.dedup();
     Ok(out)
 }
 
+/// This node among `members`: its `--listen` address, or when that is
+/// 0.0.0.0 or ::, a member on its port at one of this host's addresses.
+fn find_me(listen: Option<SocketAddr>, members: &[SocketAddr]) -> Option<SocketAddr> {
+    let l = listen?;
+    if !l.ip().is_unspecified() {
+        return Some(l);
+    }
+    let ips = local_ips();
+    members
+        .iter()
+        .copied()
+        .find(|m| m.port() == l.port() && ips.contains(&m.ip()))
+}
+
 impl Membership {
-    /// Resolves the peers once (an error here is a configuration error) and
-    /// keeps DNS names fresh in the background.
+    /// Resolves the peers once and keeps DNS names fresh in the background.
+    /// A static list that does not resolve is a configuration error; a DNS
+    /// name that does not resolve yet starts the node alone.
     pub async fn start(spec: PeerSpec, listen: Option<SocketAddr>) -> Result<Arc<Self>> {
-        let members = resolve(&spec).await?;
-        let me = listen.and_then(|l| {
-            if !l.ip().is_unspecified() {
-                return Some(l);
+        let members = match resolve(&spec).await {
+            Ok(m) => m,
+            Err(e) if matches!(spec, PeerSpec::Dns(..)) => {
+                warn!("{e}; starting alone, resolving again every {RESOLVE_EVERY:?}");
+                vec![]
             }
-            let ips = local_ips();
-            members
-                .iter()
-                .copied()
-                .find(|m| m.port() == l.port() && ips.contains(&m.ip()))
-        });
+            Err(e) => return Err(e),
+        };
+        let me = find_me(listen, &members);
         info!(?members, ?me, "peer group");
         let m = Arc::new(Membership {
             spec,
-            me,
+            listen,
+            me: Mutex::new(me),
             members: Mutex::new(members),
             backoff: Mutex::default(),
             backoff_for: Duration::from_secs(10),
@@ -108,12 +129,22 @@ impl Membership {
         if matches!(m.spec, PeerSpec::Dns(..)) {
             let weak = Arc::downgrade(&m);
             tokio::spawn(async move {
+                let mut failing = false;
                 loop {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    tokio::time::sleep(RESOLVE_EVERY).await;
                     let Some(m) = weak.upgrade() else { break };
                     match resolve(&m.spec).await {
-                        Ok(new) => *m.members.lock() = new,
-                        Err(e) => warn!("re-resolving peers: {e}"),
+                        Ok(new) => {
+                            failing = false;
+                            m.update(new);
+                        }
+                        // A failed lookup keeps the members we know: a DNS
+                        // hiccup must not break the group up.
+                        Err(e) if !failing => {
+                            failing = true;
+                            warn!("re-resolving peers: {e}; keeping {:?}", m.members.lock());
+                        }
+                        Err(_) => {}
                     }
                 }
             });
@@ -121,8 +152,19 @@ impl Membership {
         Ok(m)
     }
 
+    fn update(&self, new: Vec<SocketAddr>) {
+        let mut members = self.members.lock();
+        if *members == new {
+            return;
+        }
+        let me = find_me(self.listen, &new);
+        info!(members = ?new, ?me, "peer group changed");
+        *self.me.lock() = me;
+        *members = new;
+    }
+
     pub fn me(&self) -> Option<SocketAddr> {
-        self.me
+        *self.me.lock()
     }
 
     /// Members not backed off, this node included.
@@ -187,5 +229,24 @@ mod tests {
         )
         .await;
         assert!(bad.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_dns_name_that_does_not_resolve_yet_starts_alone() {
+        let m = Membership::start(
+            PeerSpec::Dns("no-such-host.invalid".into(), 7070),
+            Some("0.0.0.0:7070".parse().unwrap()),
+        )
+        .await
+        .unwrap();
+        assert!(m.live().is_empty());
+        assert_eq!(m.me(), None);
+        let both: Vec<SocketAddr> = vec![
+            "127.0.0.1:7070".parse().unwrap(),
+            "[::1]:7070".parse().unwrap(),
+        ];
+        m.update(both.clone());
+        assert_eq!(m.live(), both, "IPv4 and IPv6 members");
+        assert_eq!(m.me(), Some(both[0]));
     }
 }

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 
 use super::{ranked, ChunkRequest, Membership, PeerClient};
 use crate::stats::{add, Stats};
-use crate::tier::Tier;
+use crate::tier::{record_fetch, Tier};
 use crate::{Error, FileVersion, Result};
 
 /// The object's name that every node shares: its source URL and path.
@@ -109,10 +109,12 @@ impl Tier for PeerTier {
         };
         let name = peer.to_string();
         let base = format!("http://{name}");
+        let t = Instant::now();
         let r = self
             .asker
             .ask(&base, &name, file, index, range, cached_only)
             .await;
+        record_fetch("peer", t, &r);
         if failed(&r) {
             self.membership.back_off(peer);
         }
@@ -145,10 +147,12 @@ impl Tier for WarmupTier {
         {
             return Err(Error::Unavailable("warm-up service backed off".into()));
         }
+        let t = Instant::now();
         let r = self
             .asker
             .ask(&self.base, &self.base, file, index, range, false)
             .await;
+        record_fetch("warmup", t, &r);
         // A miss at the warm-up service (it serves other models) is no failure.
         if failed(&r) {
             *self.backoff_until.lock() = Some(Instant::now() + Duration::from_secs(10));

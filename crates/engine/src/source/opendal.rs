@@ -57,20 +57,57 @@ impl OpendalSource {
     }
 
     fn err(&self, path: &str, e: opendal::Error) -> Error {
+        // Object stores answer in XML or JSON; a web page means --endpoint
+        // names some other server, whatever status it gave.
+        if e.to_string().to_lowercase().contains("text/html") {
+            return Error::Source {
+                path: self.id.clone(),
+                msg: format!(
+                    "the endpoint does not speak the {} API (it answered with a web page); check --endpoint",
+                    service_name(&self.id)
+                ),
+            };
+        }
         match e.kind() {
+            // The root itself missing is the bucket missing (GCS answers a
+            // plain 404 where S3 names NoSuchBucket).
+            ErrorKind::NotFound if path.is_empty() => Error::Source {
+                path: self.id.clone(),
+                msg: "the bucket does not exist; check the name in the URL and the endpoint".into(),
+            },
             ErrorKind::NotFound if !e.to_string().contains("NoSuchBucket") => {
                 Error::NotFound(path.to_string())
             }
             _ => Error::Source {
                 path: format!("{}/{}", self.id.trim_end_matches('/'), path),
-                msg: describe(&e),
+                msg: describe(&self.id, &e),
             },
         }
     }
 }
 
-/// One line a user can act on, from OpenDAL's error and its causes.
-pub fn describe(e: &opendal::Error) -> String {
+fn service_name(url: &str) -> &'static str {
+    match url.split_once("://").map(|s| s.0) {
+        Some("oss") => "OSS",
+        Some("gs" | "gcs") => "Google Cloud Storage",
+        Some("azblob") => "Azure Blob",
+        _ => "S3",
+    }
+}
+
+/// Where the service of `url` takes its credentials from, in its own terms.
+fn credentials(url: &str) -> &'static str {
+    match url.split_once("://").map(|s| s.0) {
+        Some("oss") => "ALIBABA_CLOUD_ACCESS_KEY_ID and ALIBABA_CLOUD_ACCESS_KEY_SECRET (or OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET, a RAM role, or the ECS instance role)",
+        Some("gs" | "gcs") => "GOOGLE_APPLICATION_CREDENTIALS to a service account key file (or run with the VM's service account)",
+        Some("azblob") => "AZURE_STORAGE_ACCOUNT and AZURE_STORAGE_KEY (or AZURE_STORAGE_SAS_TOKEN)",
+        _ => "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, a web identity, or an instance role)",
+    }
+}
+
+/// One line a user can act on, from OpenDAL's error and its causes, for a
+/// source at `url`.
+pub fn describe(url: &str, e: &opendal::Error) -> String {
     let mut causes = vec![];
     let mut cur = std::error::Error::source(e);
     while let Some(c) = cur {
@@ -84,12 +121,12 @@ pub fn describe(e: &opendal::Error) -> String {
     let line = if code("NoSuchBucket") {
         "the bucket does not exist; check the name in the URL and the endpoint".to_string()
     } else if code("signing credential") {
-        "no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, a web identity or instance role; OSS_ACCESS_KEY_ID for oss://)".to_string()
+        format!("no credentials found; set {}", credentials(url))
     } else if e.kind() == ErrorKind::PermissionDenied
         || code("AccessDenied")
         || code("InvalidAccessKeyId")
     {
-        "access denied; check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or a role)".to_string()
+        format!("access denied; check the credentials: {}", credentials(url))
     } else if [
         "certificate",
         "tls",

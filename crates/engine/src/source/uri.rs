@@ -34,6 +34,52 @@ impl Default for SourceOptions {
     }
 }
 
+/// The AWS CLI's order: --region (or AWS_REGION), AWS_DEFAULT_REGION, the
+/// profile's `region` in ~/.aws/config, then us-east-1.
+fn s3_region(opts: &SourceOptions, env: impl Fn(&str) -> Option<String>) -> String {
+    opts.region
+        .clone()
+        .or_else(|| env("AWS_REGION"))
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .or_else(|| profile_setting(&env, "region"))
+        .unwrap_or_else(|| "us-east-1".into())
+}
+
+/// --endpoint (or MODELFS_ENDPOINT), then the AWS SDKs' AWS_ENDPOINT_URL_S3,
+/// AWS_ENDPOINT_URL and the profile's `endpoint_url`.
+fn s3_endpoint(opts: &SourceOptions, env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    opts.endpoint
+        .clone()
+        .or_else(|| env("AWS_ENDPOINT_URL_S3"))
+        .or_else(|| env("AWS_ENDPOINT_URL"))
+        .or_else(|| profile_setting(&env, "endpoint_url"))
+}
+
+/// `key` of the AWS profile (AWS_PROFILE, else default) in AWS_CONFIG_FILE
+/// or ~/.aws/config.
+fn profile_setting(env: &impl Fn(&str) -> Option<String>, key: &str) -> Option<String> {
+    let file =
+        env("AWS_CONFIG_FILE").or_else(|| env("HOME").map(|h| format!("{h}/.aws/config")))?;
+    let text = std::fs::read_to_string(file).ok()?;
+    let profile = env("AWS_PROFILE").unwrap_or_else(|| "default".into());
+    let wanted = if profile == "default" {
+        "default".to_string()
+    } else {
+        format!("profile {profile}")
+    };
+    let mut inside = false;
+    for line in text.lines().map(str::trim) {
+        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            inside = section.trim() == wanted;
+        } else if let Some((k, v)) = line.split_once('=') {
+            if inside && k.trim() == key {
+                return Some(v.trim().to_string()).filter(|v| !v.is_empty());
+            }
+        }
+    }
+    None
+}
+
 /// Splits "bucket/some/prefix" into the bucket and the prefix as a root.
 fn bucket_and_root(rest: &str, url: &str) -> Result<(String, String)> {
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -83,10 +129,11 @@ pub fn operator(url: &str, opts: &SourceOptions) -> Result<(String, Operator)> {
         "s3" => {
             let (bucket, root) = bucket_and_root(rest, url)?;
             let mut b = services::S3::default().bucket(&bucket).root(&root);
-            if let Some(e) = &opts.endpoint {
-                b = b.endpoint(e);
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            if let Some(e) = s3_endpoint(opts, env) {
+                b = b.endpoint(&e);
             }
-            b = b.region(opts.region.as_deref().unwrap_or("us-east-1"));
+            b = b.region(&s3_region(opts, env));
             if opts.virtual_host_style {
                 b = b.enable_virtual_host_style();
             }
@@ -103,8 +150,23 @@ pub fn operator(url: &str, opts: &SourceOptions) -> Result<(String, Operator)> {
         "gs" | "gcs" => {
             let (bucket, root) = bucket_and_root(rest, url)?;
             let mut b = services::Gcs::default().bucket(&bucket).root(&root);
-            if let Some(e) = &opts.endpoint {
-                b = b.endpoint(e);
+            // STORAGE_EMULATOR_HOST, as Google's own client libraries read it:
+            // an emulator, which takes no credentials.
+            let emulator = std::env::var("STORAGE_EMULATOR_HOST")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .map(|h| {
+                    if h.contains("://") {
+                        h
+                    } else {
+                        format!("http://{h}")
+                    }
+                });
+            if let Some(e) = opts.endpoint.clone().or(emulator.clone()) {
+                b = b.endpoint(&e);
+            }
+            if emulator.is_some() {
+                b = b.skip_signature().disable_vm_metadata().disable_config_load();
             }
             Operator::new(b).map_err(bad)?
         }
@@ -149,6 +211,74 @@ pub fn operator(url: &str, opts: &SourceOptions) -> Result<(String, Operator)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn s3_region_and_endpoint_follow_the_aws_tools() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config");
+        std::fs::write(
+            &config,
+            "[default]\nregion = eu-west-1\n\n[profile minio]\nregion=us-west-2\nendpoint_url = http://10.0.0.5:9000\n",
+        )
+        .unwrap();
+        let with = |vars: &[(&str, &str)]| {
+            let mut v: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            v.push(("AWS_CONFIG_FILE".into(), config.display().to_string()));
+            move |k: &str| v.iter().find(|(n, _)| n == k).map(|(_, x)| x.clone())
+        };
+        let o = SourceOptions::default();
+        assert_eq!(s3_region(&o, with(&[])), "eu-west-1", "the default profile");
+        assert_eq!(
+            s3_region(&o, with(&[("AWS_PROFILE", "minio")])),
+            "us-west-2"
+        );
+        assert_eq!(
+            s3_region(&o, with(&[("AWS_DEFAULT_REGION", "ap-south-1")])),
+            "ap-south-1"
+        );
+        assert_eq!(
+            s3_region(
+                &o,
+                with(&[("AWS_REGION", "cn-north-1"), ("AWS_DEFAULT_REGION", "x")])
+            ),
+            "cn-north-1"
+        );
+        let flag = SourceOptions {
+            region: Some("sa-east-1".into()),
+            endpoint: Some("http://flag:9000".into()),
+            ..Default::default()
+        };
+        assert_eq!(s3_region(&flag, with(&[("AWS_REGION", "x")])), "sa-east-1");
+        assert_eq!(s3_region(&o, |_| None), "us-east-1");
+
+        assert_eq!(s3_endpoint(&o, with(&[])), None);
+        assert_eq!(
+            s3_endpoint(&o, with(&[("AWS_PROFILE", "minio")])).as_deref(),
+            Some("http://10.0.0.5:9000")
+        );
+        assert_eq!(
+            s3_endpoint(&o, with(&[("AWS_ENDPOINT_URL", "http://a:1")])).as_deref(),
+            Some("http://a:1")
+        );
+        assert_eq!(
+            s3_endpoint(
+                &o,
+                with(&[
+                    ("AWS_ENDPOINT_URL", "http://a:1"),
+                    ("AWS_ENDPOINT_URL_S3", "http://s3:1")
+                ])
+            )
+            .as_deref(),
+            Some("http://s3:1")
+        );
+        assert_eq!(
+            s3_endpoint(&flag, with(&[("AWS_ENDPOINT_URL", "http://a:1")])).as_deref(),
+            Some("http://flag:9000")
+        );
+    }
 
     #[test]
     fn unknown_scheme_and_missing_bucket_are_clear() {

@@ -1,0 +1,294 @@
+//! `/healthz`, `/readyz` and `warm --check` before and after a `--preload`,
+//! and `warm` in the foreground, through real mounts.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn free_addr() -> String {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// GET `path` from `addr`: the status code and the body.
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (code, body.to_string())
+}
+
+fn token(w: &Work) -> String {
+    let p = w.dir.path().join("token");
+    std::fs::write(&p, "a-long-shared-group-token-for-tests\n").unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// A warm-up service that accepts and never answers: each chunk fetch waits
+/// for --peer-timeout before the origin is asked, which holds the preload
+/// back long enough to look at it. Lives until the test process exits.
+fn stalling_service() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for c in l.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn warm(args: &[&str]) -> (bool, String) {
+    let mut all = vec!["warm"];
+    all.extend(args);
+    let out = run(&all);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn readyz_and_warm_check_answer_for_the_preload_before_and_after() {
+    let w = Work::new();
+    write_file(&w.src().join("model/a.bin"), 24 << 20, 1);
+    write_file(&w.src().join("model/sub/b.bin"), 5 << 20, 2);
+    write_file(&w.src().join("other.bin"), 3 << 20, 3);
+    let addr = free_addr();
+    let stall = stalling_service();
+    let tok = token(&w);
+    let m = w.mount(&[
+        "--preload",
+        "model",
+        "--metrics-listen",
+        &addr,
+        "--warmup-service",
+        &stall,
+        "--peer-token-file",
+        &tok,
+        "--peer-timeout",
+        "3",
+        // A peer fetching for the group may take the origin's budget.
+        "--request-timeout",
+        "3",
+        "--retries",
+        "0",
+    ]);
+    let mp = m.mp.to_str().unwrap();
+
+    // Before: alive, not ready, and the probe says so without reading.
+    assert_eq!(get(&addr, "/healthz").0, 200);
+    let (code, body) = get(&addr, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.starts_with("not ready"), "{body}");
+    let (ok, text) = warm(&["--check", mp]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("not cached yet"), "{text}");
+    let (ok, text) = warm(&["--check", mp, "model/sub"]);
+    assert!(!ok, "{text}");
+
+    // After: ready, and every named path checks out.
+    wait_until("the preload", Duration::from_secs(60), || {
+        get(&addr, "/readyz").0 == 200
+    });
+    assert!(get(&addr, "/readyz").1.contains("preload complete"));
+    for args in [
+        vec!["--check", mp],
+        vec!["--check", mp, "model/sub", "model/a.bin"],
+        vec!["--check", m.path("model/sub/b.bin").to_str().unwrap()],
+    ] {
+        let (ok, text) = warm(&args);
+        assert!(ok, "{args:?}: {text}");
+    }
+    let (ok, text) = warm(&["--check", mp, "other.bin"]);
+    assert!(
+        !ok && text.contains("not under the mount's --preload"),
+        "{text}"
+    );
+    let s = m.stats();
+    assert_eq!(s["opens"], 0, "the checks opened no file: {s}");
+    assert_eq!(s["bytes_served"], 0, "{s}");
+    assert_eq!(s["preload"]["bytes_cached"], (29 << 20) as u64, "{s}");
+    assert_eq!(s["preload"]["complete"], true, "{s}");
+
+    // Metrics at /metrics only.
+    let (code, body) = get(&addr, "/metrics");
+    assert_eq!(code, 200);
+    assert!(body.contains("modelfs_cache_used_bytes"), "{body}");
+    assert_eq!(get(&addr, "/").0, 404);
+    assert_eq!(get(&addr, "/anything").0, 404);
+
+    // The preloaded bytes are the source's, and now come from the cache.
+    for f in ["model/a.bin", "model/sub/b.bin", "other.bin"] {
+        assert_same_file(&w.src().join(f), &m.path(f));
+    }
+    let s = m.stats();
+    assert_eq!(
+        s["bytes_from_source"].as_u64().unwrap(),
+        (29u64 << 20) + (3 << 20),
+        "the preload read each byte from the source once: {s}"
+    );
+
+    // A daemon that is gone answers nothing.
+    drop(m);
+    assert_eq!(get(&addr, "/healthz").0, 0);
+}
+
+#[test]
+fn a_preload_bigger_than_the_cache_is_not_ready_and_says_why() {
+    let w = Work::new();
+    write_file(&w.src().join("big.bin"), 16 << 20, 4);
+    let addr = free_addr();
+    let m = w.mount(&[
+        "--preload",
+        "/",
+        "--metrics-listen",
+        &addr,
+        "--cache-size",
+        "4MiB",
+        "--chunk-size",
+        "1MiB",
+        "--threads",
+        "2",
+    ]);
+    wait_until("the preload to fail", Duration::from_secs(30), || {
+        get(&addr, "/readyz").1.contains("failed")
+    });
+    let (code, body) = get(&addr, "/readyz");
+    assert_eq!(code, 503);
+    assert!(body.contains("raise --cache-size"), "{body}");
+    assert_eq!(get(&addr, "/healthz").0, 200, "alive though not ready");
+    let (ok, text) = warm(&["--check", m.mp.to_str().unwrap()]);
+    assert!(!ok && text.contains("raise --cache-size"), "{text}");
+    assert_same_file(&w.src().join("big.bin"), &m.path("big.bin"));
+}
+
+#[test]
+fn warm_check_needs_a_preload() {
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), 1 << 20, 5);
+    let m = w.mount(&[]);
+    let (ok, text) = warm(&["--check", m.mp.to_str().unwrap()]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("mount with --preload"), "{text}");
+    assert_eq!(text.trim().lines().count(), 1, "one line: {text}");
+}
+
+#[test]
+fn warm_reports_a_too_small_cache_before_reading() {
+    let w = Work::new();
+    write_file(&w.src().join("a.bin"), 6 << 20, 6);
+    write_file(&w.src().join("b.bin"), 6 << 20, 7);
+    let m = w.mount(&[
+        "--cache-size",
+        "8MiB",
+        "--chunk-size",
+        "1MiB",
+        "--threads",
+        "2",
+    ]);
+    let (ok, text) = warm(&[m.mp.to_str().unwrap()]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("the cache is too small"), "{text}");
+    assert!(text.contains("raise --cache-size"), "{text}");
+    assert_eq!(m.stat_u64("opens"), 0, "nothing was read: {}", m.stats());
+}
+
+#[test]
+fn warm_stays_in_the_foreground_with_a_line_per_file() {
+    let w = Work::new();
+    let files = ["a.bin", "d/b.bin", "d/e/c.bin"];
+    for (i, f) in files.iter().enumerate() {
+        write_file(&w.src().join(f), (3 << 20) + i * 4097, i as u64);
+    }
+    let m = w.mount(&[]);
+    // Not a terminal: a line per file, as Kubernetes logs want.
+    let (ok, text) = warm(&[m.mp.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("warmed /")).collect();
+    assert_eq!(lines.len(), files.len(), "{text}");
+    assert!(text.contains("warmed 3 files"), "{text}");
+    // It returned once everything was cached.
+    let total: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(w.src().join(f)).unwrap().len())
+        .sum();
+    assert_eq!(m.stat_u64("bytes_from_source"), total);
+    for f in files {
+        assert_same_file(&w.src().join(f), &m.path(f));
+    }
+    assert_eq!(m.stat_u64("bytes_from_source"), total, "all from the cache");
+    // --wait is still accepted.
+    let (ok, text) = warm(&[m.mp.to_str().unwrap(), "--wait"]);
+    assert!(ok, "{text}");
+}
+
+#[test]
+fn serve_says_when_the_preload_is_complete() {
+    let w = Work::new();
+    write_file(&w.src().join("qwen/a.bin"), 9 << 20, 8);
+    let addr = free_addr();
+    let listen = free_addr();
+    let tok = token(&w);
+    let log = w.dir.path().join("serve.log");
+    let mut child = Command::new(bin())
+        .args(["serve", w.src().to_str().unwrap(), "--listen", &listen])
+        .args(["--preload", "qwen/", "--metrics-listen", &addr])
+        .args(["--peer-token-file", &tok])
+        .arg("--cache-dir")
+        .arg(w.cache.path())
+        .args(["--cache-size", "1GiB"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(w.dir.path().join("serve.err")).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut child);
+    wait_until("serve to preload", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("preload complete")
+    });
+    let (code, body) = get(&addr, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("preload complete, 1 of 1 files"), "{body}");
+    assert_eq!(get(&addr, "/healthz").0, 200);
+    let err = std::fs::read_to_string(w.dir.path().join("serve.err")).unwrap();
+    assert!(
+        err.contains("preload complete"),
+        "the log says so too: {err}"
+    );
+}
