@@ -3,14 +3,29 @@
 //! time how much of it is cached, for `stat`, `/readyz` and `warm --check`.
 
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, Result};
 use modelfs_engine::size::ByteSize;
 use modelfs_engine::stats::{PreloadStatus, NOT_CACHED_SHOWN};
 use modelfs_engine::{Engine, FileVersion};
 use parking_lot::Mutex;
-use tracing::{error, info};
+use tracing::{error, info, warn};
+
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// The one preload failure that retrying cannot fix.
+#[derive(Debug)]
+struct TooBig(String);
+
+impl std::fmt::Display for TooBig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TooBig {}
 
 pub struct Preload {
     paths: Vec<String>,
@@ -38,14 +53,33 @@ impl Preload {
     }
 
     /// Lists and warms everything, `concurrency` chunks at a time; logs when
-    /// complete. A failure is also kept for `status`, so `/readyz` says why.
+    /// complete. A failure is kept for `status`, so `/readyz` says why, and
+    /// the whole list-and-warm is tried again with backoff: an origin that
+    /// was down for a minute must not leave the node unready until a
+    /// restart. Only a preload bigger than the cache is given up on, as no
+    /// retry can fix it. Returns only once complete or given up.
     pub async fn run(self: Arc<Self>, concurrency: usize) -> Result<()> {
-        let r = self.clone().warm(concurrency).await;
-        if let Err(e) = &r {
-            error!("preload failed: {e:#}");
+        let mut delay = RETRY_FIRST;
+        loop {
+            let Err(e) = self.clone().warm(concurrency).await else {
+                self.error.lock().clear();
+                return Ok(());
+            };
             *self.error.lock() = format!("{e:#}");
+            if e.downcast_ref::<TooBig>().is_some() {
+                error!("preload failed: {e:#}");
+                return Err(e);
+            }
+            // Jittered so that a fleet which lost the origin together does
+            // not come back to it in lockstep.
+            let wait = delay.mul_f64(rand::random_range(0.5..1.0));
+            warn!(
+                retry_in_secs = wait.as_secs_f64(),
+                "preload failed, retrying: {e:#}"
+            );
+            tokio::time::sleep(wait).await;
+            delay = (delay * 2).min(RETRY_MAX);
         }
-        r
     }
 
     async fn warm(self: Arc<Self>, concurrency: usize) -> Result<()> {
@@ -69,12 +103,12 @@ impl Preload {
         let capacity = engine.config().cache_capacity;
         *self.files.lock() = Some(files.clone());
         if total > capacity {
-            bail!(
+            return Err(anyhow!(TooBig(format!(
                 "--preload {} names {}, more than --cache-size {}; raise --cache-size or preload less",
                 self.paths.join(" "),
                 ByteSize(total),
                 ByteSize(capacity)
-            );
+            ))));
         }
         info!(paths = ?self.paths, files = files.len(), bytes = %ByteSize(total), "preloading");
         for f in &files {

@@ -292,3 +292,49 @@ fn serve_says_when_the_preload_is_complete() {
         "the log says so too: {err}"
     );
 }
+
+#[test]
+fn a_preload_that_failed_is_retried_and_becomes_ready_without_a_restart() {
+    // The model is not there yet (an upload still running, an origin that
+    // answers nothing): the preload fails, and must not stay failed.
+    let w = Work::new();
+    std::fs::create_dir_all(w.src()).unwrap();
+    let addr = free_addr();
+    let m = w.mount(&[
+        "--preload",
+        "model",
+        "--metrics-listen",
+        &addr,
+        // Each retry lists again rather than trusting the first listing.
+        "--listing-ttl",
+        "0.1",
+    ]);
+    wait_until("the preload to fail", Duration::from_secs(30), || {
+        !m.stats()["preload"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty()
+    });
+    assert_eq!(get(&addr, "/readyz").0, 503);
+    let (ok, text) = warm(&["--check", m.mp.to_str().unwrap()]);
+    assert!(!ok, "{text}");
+
+    write_file(&w.src().join("model/a.bin"), 9 << 20, 21);
+    write_file(&w.src().join("model/b.bin"), 1000, 22);
+    wait_until("the retried preload", Duration::from_secs(60), || {
+        get(&addr, "/readyz").0 == 200
+    });
+    let s = m.stats();
+    assert_eq!(s["preload"]["error"], "", "{s}");
+    assert_eq!(s["preload"]["complete"], true, "{s}");
+    let (ok, text) = warm(&["--check", m.mp.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    for f in ["model/a.bin", "model/b.bin"] {
+        assert_same_file(&w.src().join(f), &m.path(f));
+    }
+    assert_eq!(
+        m.stat_u64("bytes_from_source"),
+        (9 << 20) + 1000,
+        "the reads came from the preload's cache"
+    );
+}
