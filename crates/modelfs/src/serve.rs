@@ -72,8 +72,20 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if !a.preload.is_empty() {
         let preload = Preload::new(&engine, a.preload.clone());
         // A failed preload leaves the service up, serving what it has and
-        // fetching the rest; /readyz says why it is not ready.
-        match rt.block_on(preload.clone().run(a.concurrency)) {
+        // fetching the rest; /readyz says why it is not ready. A preload
+        // may take long (and retries until it succeeds): SIGTERM must not
+        // wait for it, or Kubernetes kills us only after its grace period.
+        let done = rt.block_on(async {
+            tokio::select! {
+                r = preload.clone().run(a.concurrency) => Some(r),
+                () = stopped(&stop) => None,
+            }
+        });
+        let Some(done) = done else {
+            println!("modelfs serve: stopped during the preload");
+            return Ok(());
+        };
+        match done {
             Ok(()) => {
                 let s = preload.status();
                 println!(
@@ -90,4 +102,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
+}
+
+async fn stopped(stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -338,3 +338,46 @@ fn a_preload_that_failed_is_retried_and_becomes_ready_without_a_restart() {
         "the reads came from the preload's cache"
     );
 }
+
+#[test]
+fn serve_stops_on_sigterm_during_its_preload() {
+    // A preload that cannot finish yet (its model is not there): it retries
+    // for as long as it takes, and SIGTERM must not wait for it.
+    let w = Work::new();
+    std::fs::create_dir_all(w.src()).unwrap();
+    let addr = free_addr();
+    let listen = free_addr();
+    let tok = token(&w);
+    let mut child = Command::new(bin())
+        .args(["serve", w.src().to_str().unwrap(), "--listen", &listen])
+        .args(["--preload", "qwen/", "--metrics-listen", &addr])
+        .args(["--peer-token-file", &tok])
+        .arg("--cache-dir")
+        .arg(w.cache.path())
+        .args(["--cache-size", "1GiB"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let kill = Kill(&mut child);
+    wait_until("the preload to fail once", Duration::from_secs(30), || {
+        get(&addr, "/readyz").1.contains("failed")
+    });
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(kill.0.id() as i32, libc::SIGTERM) };
+    let t = std::time::Instant::now();
+    let mut status = None;
+    wait_until("serve to stop", Duration::from_secs(5), || {
+        status = kill.0.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success(), "stopped in {:?}", t.elapsed());
+}
