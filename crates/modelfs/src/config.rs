@@ -407,23 +407,32 @@ pub fn run(a: RunArgs) -> Result<()> {
                 mountpoint: None,
             });
             // The mounts below may ask it for chunks from their first read.
-            wait_listening(running.last_mut().unwrap(), s)?;
+            if let Some(r) = running.last_mut() {
+                wait_listening(r, s, &stop)?;
+            }
         }
         for m in &plan.mounts {
             let mp = PathBuf::from(&m[1]);
             std::fs::create_dir_all(&mp)
                 .with_context(|| format!("creating the mount point {}", mp.display()))?;
-            let child = start_mount(m)?;
+            let (child, ready) = start_mount(m)?;
             running.push(Running {
                 what: format!("mount {} {}", m[0], m[1]),
                 child,
                 mountpoint: Some(mp),
             });
+            if let Some(r) = running.last_mut() {
+                wait_mounted(r, m, ready, &stop)?;
+            }
         }
         Ok(())
     })();
     if let Err(e) = started {
         stop_all(&mut running);
+        if e.downcast_ref::<Stopped>().is_some() {
+            info!("stopped while starting");
+            return Ok(());
+        }
         return Err(e);
     }
     info!(
@@ -455,8 +464,26 @@ pub fn run(a: RunArgs) -> Result<()> {
     failed.map_or(Ok(()), Err)
 }
 
-/// Waits until the service accepts connections on its --listen port.
-fn wait_listening(r: &mut Running, argv: &[String]) -> Result<()> {
+/// How long a child may take to listen or mount: longer than a source's
+/// default request budget (30 s × 5 tries), so that its own error, which
+/// names the cause, comes first.
+const STARTUP: Duration = Duration::from_secs(180);
+
+/// SIGTERM or SIGINT came while starting: not an error.
+#[derive(Debug)]
+struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped while starting")
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// Waits until the service accepts connections on its --listen port, while
+/// `stop` is unset and for at most STARTUP.
+fn wait_listening(r: &mut Running, argv: &[String], stop: &AtomicBool) -> Result<()> {
     let Some(mut addr) = argv
         .iter()
         .find_map(|a| a.strip_prefix("--listen="))
@@ -467,6 +494,7 @@ fn wait_listening(r: &mut Running, argv: &[String]) -> Result<()> {
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
+    let deadline = Instant::now() + STARTUP;
     loop {
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
             info!(source = %argv[0], %addr, pid = r.child.id(), "warm-up service started");
@@ -475,20 +503,30 @@ fn wait_listening(r: &mut Running, argv: &[String]) -> Result<()> {
         if let Some(status) = r.child.try_wait()? {
             bail!("{} exited ({status}) before listening on {addr}", r.what);
         }
+        if stop.load(Ordering::Relaxed) {
+            return Err(Stopped.into());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not listen on {addr} within {} s; check that its source answers",
+                r.what,
+                STARTUP.as_secs()
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 /// `modelfs mount ... --foreground` with the readiness pipe the background
-/// mount uses: returns once the child has mounted, or with its error.
-fn start_mount(argv: &[String]) -> Result<Child> {
+/// mount uses: the child and the pipe's read end for [`wait_mounted`].
+fn start_mount(argv: &[String]) -> Result<(Child, std::fs::File)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two fds that we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(std::io::Error::last_os_error().into());
     }
     // SAFETY: fresh fds from pipe2.
-    let (mut read_end, write_end) = unsafe {
+    let (read_end, write_end) = unsafe {
         (
             std::fs::File::from_raw_fd(fds[0]),
             OwnedFd::from_raw_fd(fds[1]),
@@ -511,17 +549,60 @@ fn start_mount(argv: &[String]) -> Result<Child> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("starting modelfs mount")?;
+    let child = cmd.spawn().context("starting modelfs mount")?;
     drop(write_end);
+    Ok((child, read_end))
+}
+
+/// Returns once the mount child has said it mounted, or with its error;
+/// polls so that `stop` and STARTUP are heard while it is stuck (an origin
+/// that does not answer). The caller stops the child on an error.
+fn wait_mounted(
+    r: &mut Running,
+    argv: &[String],
+    mut read_end: std::fs::File,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: read_end.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on an fd we own.
+        let n = unsafe { libc::poll(&mut pfd, 1, 200) };
+        if n > 0 {
+            break;
+        }
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e).context("waiting for modelfs mount to start");
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Err(Stopped.into());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not mount within {} s; check that its source answers",
+                r.what,
+                STARTUP.as_secs()
+            );
+        }
+    }
+    // Readable: the child wrote its word, or exited (EOF). It closes the
+    // pipe right after the word, so this read ends at once.
     let mut word = String::new();
     read_end.read_to_string(&mut word)?;
     match word.trim() {
         "ok" => {
-            info!(source = %argv[0], mountpoint = %argv[1], pid = child.id(), "mounted");
-            Ok(child)
+            info!(source = %argv[0], mountpoint = %argv[1], pid = r.child.id(), "mounted");
+            Ok(())
         }
         msg => {
-            let status = child.wait()?;
+            let status = r.child.wait()?;
             if msg.is_empty() {
                 bail!(
                     "modelfs mount {} {} exited ({status}) before mounting",
@@ -537,9 +618,12 @@ fn start_mount(argv: &[String]) -> Result<Child> {
 /// SIGTERM to every child (mounts unmount on it), newest first; SIGKILL and
 /// a lazy unmount for any that does not stop within 15 s.
 fn stop_all(running: &mut Vec<Running>) {
-    for r in running.iter().rev() {
-        // SAFETY: kill(2) on a child we spawned and have not reaped.
-        unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
+    for r in running.iter_mut().rev() {
+        // A reaped child's pid may be someone else's by now.
+        if matches!(r.child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     for mut r in running.drain(..).rev() {

@@ -403,3 +403,129 @@ fn run_mounts_an_eas_cache_over_a_nas_path_with_preload() {
     assert!(!is_mounted(&fast));
     std::mem::forget(m);
 }
+
+/// The children of `pid`, from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Gone, or a zombie nobody reaps (PID 1 in a container may not).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_none_or(|(_, rest)| rest.starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// An endpoint that accepts connections and never answers, for as long as
+/// the test process lives.
+fn silent_endpoint() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for c in l.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn start_run(w: &Work, config: &str, mounts: Vec<PathBuf>) -> Run {
+    let f = w.dir.path().join("modelfs.toml");
+    std::fs::write(&f, config).unwrap();
+    let log = w.dir.path().join("run.log");
+    let child = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&f)
+        .env("AWS_ACCESS_KEY_ID", "GKtest")
+        .env("AWS_SECRET_ACCESS_KEY", "secret-for-tests")
+        .env("AWS_REGION", "garage")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Run { child, mounts }
+}
+
+#[test]
+fn run_stops_on_sigterm_while_a_service_it_starts_hangs() {
+    sigterm_while_starting(true);
+}
+
+#[test]
+fn run_stops_on_sigterm_while_a_mount_it_starts_hangs() {
+    sigterm_while_starting(false);
+}
+
+/// `run` whose first child (a service, or a mount) is stuck on a source
+/// that never answers: SIGTERM stops it and that child within seconds.
+fn sigterm_while_starting(with_serve: bool) {
+    let w = Work::new();
+    let token = w.dir.path().join("token");
+    std::fs::write(&token, "a-long-shared-group-token-for-tests\n").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mp = w.dir.path().join("mnt");
+    let config = format!(
+        r#"
+[[serve]]
+source = "s3://models"
+endpoint = "{endpoint}"
+listen = "{listen}"
+cache-dir = "{cache}/serve"
+cache-size = "1GiB"
+peer-token-file = "{token}"
+
+[[mount]]
+source = "{src}"
+mountpoint = "{mp}"
+cache-dir = "{cache}/mount"
+"#,
+        src = if with_serve {
+            w.dir.path().display().to_string()
+        } else {
+            "s3://models".to_string()
+        },
+        endpoint = silent_endpoint(),
+        cache = w.cache.path().display(),
+        token = token.display(),
+        mp = mp.display(),
+    );
+    let config = if with_serve {
+        config
+    } else {
+        // The mount alone, its source the silent endpoint too.
+        let (_, mount) = config.split_once("[[mount]]").unwrap();
+        format!("[[mount]]{mount}endpoint = \"{}\"\n", silent_endpoint())
+    };
+    let mut run = start_run(&w, &config, vec![mp.clone()]);
+    let pid = run.child.id();
+    let mut serve = vec![];
+    wait_until("run to start its child", Duration::from_secs(10), || {
+        serve = children(pid);
+        !serve.is_empty()
+    });
+    // The child is stuck listing its source; run waits for it.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(run.child.try_wait().unwrap().is_none());
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let mut status = None;
+    wait_until("run to stop", Duration::from_secs(5), || {
+        status = run.child.try_wait().unwrap();
+        status.is_some()
+    });
+    let log = std::fs::read_to_string(w.dir.path().join("run.log")).unwrap();
+    assert!(status.unwrap().success(), "{log}");
+    wait_until("the child to stop", Duration::from_secs(5), || {
+        serve.iter().all(|&p| exited(p))
+    });
+    assert!(!is_mounted(&mp), "nothing was mounted");
+}
