@@ -395,12 +395,10 @@ pub fn run(a: RunArgs) -> Result<()> {
     let mut running: Vec<Running> = vec![];
     let started = (|| -> Result<()> {
         for s in &plan.serves {
-            let child = Command::new(std::env::current_exe()?)
-                .arg("serve")
-                .args(s)
-                .env_remove("NOTIFY_SOCKET")
-                .spawn()
-                .context("starting modelfs serve")?;
+            let mut cmd = Command::new(std::env::current_exe()?);
+            cmd.arg("serve").args(s).env_remove("NOTIFY_SOCKET");
+            die_with_parent(&mut cmd);
+            let child = cmd.spawn().context("starting modelfs serve")?;
             running.push(Running {
                 what: format!("serve {}", s[0]),
                 child,
@@ -549,6 +547,9 @@ fn start_mount(argv: &[String]) -> Result<(Child, std::fs::File)> {
             Ok(())
         });
     }
+    // --foreground: the child is the process that serves the mount (no
+    // detached re-exec, whose fork would clear the death signal).
+    die_with_parent(&mut cmd);
     let child = cmd.spawn().context("starting modelfs mount")?;
     drop(write_end);
     Ok((child, read_end))
@@ -612,6 +613,36 @@ fn wait_mounted(
             }
             bail!("{}", msg.trim_start_matches("error: "))
         }
+    }
+}
+
+/// The child gets SIGTERM when `run` dies, even by SIGKILL: otherwise its
+/// services hold their ports and its mounts stay up with nobody to stop
+/// them, and a restarted `run` finds them in its way.
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: getpid(2) cannot fail.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The signal is sent when the forking thread ends: run spawns
+            // from its main thread, which lives as long as run.
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGTERM as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // run died before the prctl: no signal will come, so do not start.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
     }
 }
 

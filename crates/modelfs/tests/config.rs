@@ -180,6 +180,17 @@ struct Run {
 
 impl Drop for Run {
     fn drop(&mut self) {
+        // SIGTERM first, so that run stops its children and unmounts;
+        // SIGKILL if it has not within 20 s.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on our child, not reaped yet.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while std::time::Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None))
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         for mp in &self.mounts {
@@ -528,4 +539,55 @@ cache-dir = "{cache}/mount"
         serve.iter().all(|&p| exited(p))
     });
     assert!(!is_mounted(&mp), "nothing was mounted");
+}
+
+#[test]
+fn run_killed_takes_its_services_and_mounts_with_it() {
+    let w = Work::new();
+    let models = w.dir.path().join("models");
+    write_file(&models.join("qwen/a.bin"), 3 << 20, 31);
+    let token = w.dir.path().join("token");
+    std::fs::write(&token, "a-long-shared-group-token-for-tests\n").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mp = w.dir.path().join("mnt");
+    let config = format!(
+        r#"
+[[serve]]
+source = "{models}"
+listen = "{listen}"
+cache-dir = "{cache}/serve"
+cache-size = "1GiB"
+peer-token-file = "{token}"
+
+[[mount]]
+source = "{models}/qwen"
+mountpoint = "{mp}"
+cache-dir = "{cache}/mount"
+warmup-service = "http://{listen}"
+peer-token-file = "{token}"
+"#,
+        models = models.display(),
+        cache = w.cache.path().display(),
+        token = token.display(),
+        mp = mp.display(),
+    );
+    let mut run = start_run(&w, &config, vec![mp.clone()]);
+    wait_until("the mount", Duration::from_secs(60), || is_mounted(&mp));
+    assert_same_file(&models.join("qwen/a.bin"), &mp.join("a.bin"));
+    let kids = children(run.child.id());
+    assert_eq!(kids.len(), 2, "a service and a mount: {kids:?}");
+
+    // Killed, it cannot stop them itself: the kernel tells them.
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    wait_until("its children to exit", Duration::from_secs(20), || {
+        kids.iter().all(|&p| exited(p))
+    });
+    wait_until("the mount to go", Duration::from_secs(5), || {
+        !is_mounted(&mp)
+    });
+    assert!(
+        std::net::TcpStream::connect(&listen).is_err(),
+        "the service's port is free"
+    );
 }
