@@ -23,7 +23,8 @@ pub struct WarmArgs {
     /// More paths: to warm, or with --check to check (relative to the mount or absolute)
     pub paths: Vec<PathBuf>,
     /// Exit 0 if everything named is cached, 1 if not, reading no byte (a
-    /// probe); answers for paths under the mount's --preload, all of it by default
+    /// probe); answers only for paths under the mount's --preload (all of it
+    /// by default), and fails on a path that does not exist
     #[arg(long)]
     pub check: bool,
     /// Warm in the background and return at once
@@ -88,6 +89,21 @@ fn check(a: &WarmArgs) -> Result<()> {
     if !first.is_empty() {
         named.push(first);
     }
+    // A typo must not pass for "cached": a path the preload does not list
+    // is missing from no list. A lookup reads no byte.
+    for n in &named {
+        let full = root.join(n);
+        if let Err(e) = std::fs::symlink_metadata(&full) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                bail!(
+                    "{} does not exist in the mount {}; check the path",
+                    full.display(),
+                    root.display()
+                );
+            }
+            return Err(e).with_context(|| full.display().to_string());
+        }
+    }
     let Some(p) = read_stats(&root)?.preload else {
         bail!(
             "{} was mounted without --preload; `warm --check` answers for what --preload names: mount with --preload PATH (\"/\" for everything)",
@@ -138,8 +154,14 @@ pub fn run(a: WarmArgs) -> Result<()> {
     if a.check {
         return check(&a);
     }
-    let mut roots = std::iter::once(&a.path)
+    // Absolute, so that each file is counted against the mount it is in
+    // by path prefix below.
+    let named = std::iter::once(&a.path)
         .chain(&a.paths)
+        .map(|p| crate::mountpoint::absolute(p))
+        .collect::<Result<Vec<_>>>()?;
+    let mut roots = named
+        .iter()
         .map(|p| mount_root(p))
         .collect::<Result<Vec<_>>>()?;
     roots.sort();
@@ -161,7 +183,7 @@ pub fn run(a: WarmArgs) -> Result<()> {
         return Ok(());
     }
     let mut files = vec![];
-    for p in std::iter::once(&a.path).chain(&a.paths) {
+    for p in &named {
         files_under(p, &mut files)?;
     }
     let total: u64 = files.iter().map(|f| f.1).sum();

@@ -218,6 +218,17 @@ fn warm_reports_a_too_small_cache_before_reading() {
     assert!(text.contains("the cache is too small"), "{text}");
     assert!(text.contains("raise --cache-size"), "{text}");
     assert_eq!(m.stat_u64("opens"), 0, "nothing was read: {}", m.stats());
+
+    // The same with paths relative to the working directory.
+    let out = Command::new(bin())
+        .args(["warm", ".", "a.bin"])
+        .current_dir(&m.mp)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("raise --cache-size"), "{text}");
+    assert_eq!(m.stat_u64("opens"), 0, "nothing was read: {}", m.stats());
 }
 
 #[test]
@@ -329,6 +340,10 @@ fn a_preload_that_failed_is_retried_and_becomes_ready_without_a_restart() {
     assert_eq!(s["preload"]["complete"], true, "{s}");
     let (ok, text) = warm(&["--check", m.mp.to_str().unwrap()]);
     assert!(ok, "{text}");
+    // A typo under the preload is no "cached".
+    let (ok, text) = warm(&["--check", m.mp.to_str().unwrap(), "model/typo.bin"]);
+    assert!(!ok && text.contains("does not exist"), "{text}");
+    assert_eq!(text.trim().lines().count(), 1, "one line: {text}");
     for f in ["model/a.bin", "model/b.bin"] {
         assert_same_file(&w.src().join(f), &m.path(f));
     }
