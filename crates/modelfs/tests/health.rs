@@ -4,8 +4,10 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -47,19 +49,50 @@ fn token(w: &Work) -> String {
     p.to_str().unwrap().to_string()
 }
 
-/// A warm-up service that accepts and never answers: each chunk fetch waits
-/// for --peer-timeout before the origin is asked, which holds the preload
-/// back long enough to look at it. Lives until the test process exits.
-fn stalling_service() -> String {
+/// A warm-up service that accepts and never answers until released: each
+/// chunk fetch waits (up to a --peer-timeout longer than the test) before
+/// the origin is asked, which holds the preload back for as long as the
+/// test looks at it, however slow the machine. Released, it closes every
+/// connection, so fetches fail over to the origin at once. Its thread
+/// lives until the test process exits.
+struct Stall {
+    url: String,
+    released: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+fn stalling_service() -> Stall {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let released = Arc::new(AtomicBool::new(false));
+    let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let (r, h) = (released.clone(), held.clone());
     std::thread::spawn(move || {
-        let mut held = vec![];
         for c in l.incoming().flatten() {
-            held.push(c);
+            let mut held = h.lock().unwrap();
+            // Checked under the lock, so release() cannot miss a connection.
+            if r.load(Ordering::SeqCst) {
+                let _ = c.shutdown(Shutdown::Both);
+            } else {
+                held.push(c);
+            }
         }
     });
-    format!("http://{addr}")
+    Stall {
+        url,
+        released,
+        held,
+    }
+}
+
+impl Stall {
+    fn release(&self) {
+        let mut held = self.held.lock().unwrap();
+        self.released.store(true, Ordering::SeqCst);
+        for c in held.drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
 }
 
 fn warm(args: &[&str]) -> (bool, String) {
@@ -89,11 +122,12 @@ fn readyz_and_warm_check_answer_for_the_preload_before_and_after() {
         "--metrics-listen",
         &addr,
         "--warmup-service",
-        &stall,
+        &stall.url,
         "--peer-token-file",
         &tok,
+        // Longer than the test: the preload waits until stall.release().
         "--peer-timeout",
-        "3",
+        "600",
         // A peer fetching for the group may take the origin's budget.
         "--request-timeout",
         "3",
@@ -114,6 +148,7 @@ fn readyz_and_warm_check_answer_for_the_preload_before_and_after() {
     assert!(!ok, "{text}");
 
     // After: ready, and every named path checks out.
+    stall.release();
     wait_until("the preload", Duration::from_secs(60), || {
         get(&addr, "/readyz").0 == 200
     });
