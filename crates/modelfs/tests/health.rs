@@ -431,3 +431,68 @@ fn serve_stops_on_sigterm_during_its_preload() {
     });
     assert!(status.unwrap().success(), "stopped in {:?}", t.elapsed());
 }
+
+#[test]
+fn a_preload_retries_through_an_origin_that_answers_503() {
+    use common::s3::{garage, Fault, Proxy};
+    let g = garage();
+    let w = Work::new();
+    write_file(&w.src().join("other.bin"), 1000, 41);
+    g.push(&w.src(), "s3://models/retry503");
+    let proxy = Proxy::start(g.addr());
+    let addr = free_addr();
+    let endpoint = proxy.endpoint();
+    let m = Mount::new(
+        "s3://models/retry503",
+        &w.mnt(),
+        w.cache.path(),
+        &[
+            "--endpoint",
+            &endpoint,
+            "--preload",
+            "model",
+            "--metrics-listen",
+            &addr,
+            "--listing-ttl",
+            "0.1",
+            "--retries",
+            "0",
+            "--request-timeout",
+            "2",
+        ],
+        &g.env,
+    );
+    let error = || {
+        m.stats()["preload"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Not uploaded yet: failed once.
+    wait_until("the preload to fail", Duration::from_secs(30), || {
+        !error().is_empty()
+    });
+    let first = error();
+    // Now the origin answers 503 to everything, and the preload goes on
+    // failing, with that cause, while the model is uploaded behind it.
+    proxy.set(Fault::Unavailable);
+    let model = w.dir.path().join("model");
+    write_file(&model.join("a.bin"), 9 << 20, 42);
+    write_file(&model.join("b.bin"), 1000, 43);
+    g.push(&model, "s3://models/retry503/model");
+    wait_until("a retry to meet the 503", Duration::from_secs(30), || {
+        let e = error();
+        !e.is_empty() && e != first
+    });
+    assert_eq!(get(&addr, "/readyz").0, 503);
+
+    // The origin is back: ready, without a restart, with the source's bytes.
+    proxy.set(Fault::Pass);
+    wait_until("the retried preload", Duration::from_secs(90), || {
+        get(&addr, "/readyz").0 == 200
+    });
+    assert_eq!(error(), "");
+    for f in ["a.bin", "b.bin"] {
+        assert_same_file(&model.join(f), &m.path(&format!("model/{f}")));
+    }
+}
