@@ -9,16 +9,24 @@ import sys
 
 import yaml
 
+# modelfs flags: G, GiB and Gi all mean GiB (as `--cache-size` reads them).
 UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
          "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
          "G": 1 << 30, "M": 1 << 20, "K": 1 << 10}
+# Kubernetes quantities: G, M, k are decimal there.
+K8S_UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+             "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
-def qty(s):
+def qty(s, units=UNITS):
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(s))
-    if not m or m.group(2) not in UNITS:
+    if not m or m.group(2) not in units:
         raise ValueError(f"cannot read the size {s!r}")
-    return int(float(m.group(1)) * UNITS[m.group(2)])
+    return int(float(m.group(1)) * units[m.group(2)])
+
+
+def k8s_qty(s):
+    return qty(s, K8S_UNITS)
 
 
 def flags_of(binary, sub, cache={}):
@@ -66,13 +74,15 @@ def main():
                         for vm in c.get("volumeMounts", []):
                             vol = volumes.get(vm["name"], {})
                             ed = vol.get("emptyDir") or {}
-                            if vm["mountPath"] != cache_dir.group(1) or ed.get("medium") != "Memory":
+                            mp = vm["mountPath"].rstrip("/")
+                            under = cache_dir.group(1) == mp or cache_dir.group(1).startswith(mp + "/")
+                            if not under or ed.get("medium") != "Memory":
                                 continue
                             limit = ed.get("sizeLimit")
-                            if not limit or qty(limit) < want:
+                            if not limit or k8s_qty(limit) < want:
                                 problems.append(f"{cw}: the memory cache volume {vm['name']} needs a sizeLimit of at least --cache-size {size.group(1)}")
                             mem = c.get("resources", {}).get("limits", {}).get("memory")
-                            if not mem or qty(mem) < qty(limit or 0):
+                            if not mem or k8s_qty(mem) < k8s_qty(limit or 0):
                                 problems.append(f"{cw}: tmpfs pages count against the memory limit: limits.memory must be at least the cache volume's sizeLimit")
                 for vm in c.get("volumeMounts", []):
                     if vm.get("mountPropagation") == "Bidirectional" and not c.get("securityContext", {}).get("privileged"):

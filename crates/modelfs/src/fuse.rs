@@ -27,6 +27,9 @@ const FUSE_UNKNOWN_INO: u64 = 0xffff_ffff;
 
 /// The xattr on the mount root that `modelfs stat` reads.
 pub const STATS_XATTR: &str = "user.modelfs.stats";
+/// On each file: `{"size":N,"cached":M}`, bytes of this version in the
+/// cache. Answered from the registry: no byte is read, nothing is fetched.
+pub const CACHED_XATTR: &str = "user.modelfs.cached";
 
 struct Handle {
     open: OpenFile,
@@ -403,14 +406,27 @@ impl Filesystem for ModelFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if ino.0 != ROOT || name != STATS_XATTR {
+        let data = if ino.0 == ROOT && name == STATS_XATTR {
+            let pt = match &*self.inner.passthrough.lock() {
+                Ok(()) => "enabled".to_string(),
+                Err(why) => format!("off: {why}"),
+            };
+            self.inner.stats_json(&pt)
+        } else if name == CACHED_XATTR {
+            match self.inner.node(ino) {
+                Ok(n) if !n.meta.is_dir => {
+                    let cached = self.inner.engine.store().cached_bytes(&FileVersion {
+                        path: n.path,
+                        version: n.meta.version,
+                        size: n.meta.size,
+                    });
+                    format!(r#"{{"size":{},"cached":{cached}}}"#, n.meta.size).into_bytes()
+                }
+                _ => return reply.error(Errno::ENODATA),
+            }
+        } else {
             return reply.error(Errno::ENODATA);
-        }
-        let pt = match &*self.inner.passthrough.lock() {
-            Ok(()) => "enabled".to_string(),
-            Err(why) => format!("off: {why}"),
         };
-        let data = self.inner.stats_json(&pt);
         if size == 0 {
             reply.size(data.len() as u32);
         } else if (size as usize) < data.len() {
@@ -421,10 +437,10 @@ impl Filesystem for ModelFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let names: &[u8] = if ino.0 == ROOT {
-            b"user.modelfs.stats\0"
-        } else {
-            b""
+        let names: &[u8] = match self.inner.node(ino) {
+            _ if ino.0 == ROOT => b"user.modelfs.stats\0",
+            Ok(n) if !n.meta.is_dir => b"user.modelfs.cached\0",
+            _ => b"",
         };
         if size == 0 {
             reply.size(names.len() as u32);

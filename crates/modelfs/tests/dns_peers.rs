@@ -118,7 +118,10 @@ fn dns_peers_that_appear_after_start() {
         sb["peers"].get(format!("127.0.0.11:{port}")).is_some(),
         "{sb}"
     );
-    assert!(n(&sb, "bytes_from_peers") >= total / 2, "{sb}");
+    // Each node owns some chunks (how many depends on the hash of the
+    // port): each got the other's from it.
+    assert!(n(&sa, "bytes_from_peers") > 0, "{sa}");
+    assert!(n(&sb, "bytes_from_peers") > 0, "{sb}");
     drop(hosts);
     assert!(!std::fs::read_to_string("/etc/hosts")
         .unwrap()

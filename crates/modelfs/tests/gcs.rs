@@ -125,6 +125,11 @@ fn gs_errors_name_google_settings() {
             .args(&args)
             .env_remove("STORAGE_EMULATOR_HOST")
             .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+            .env_remove("CLOUDSDK_CONFIG")
+            // No gcloud credentials of this machine, and the VM metadata
+            // server looked for on a closed loopback port, never off-host.
+            .env("HOME", w.dir.path())
+            .env("GCE_METADATA_HOST", "127.0.0.1:1")
             .envs(env.iter().copied())
             .output()
             .unwrap();

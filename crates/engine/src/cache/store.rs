@@ -1022,6 +1022,13 @@ impl ChunkStore {
         self.room.notify_waiters();
     }
 
+    /// Bytes of `f` in the cache, without touching its files.
+    pub fn cached_bytes(&self, f: &FileVersion) -> u64 {
+        let key = self.key(f);
+        let inner = self.inner.lock();
+        inner.files.get(&key).map_or(0, |e| e.present_bytes)
+    }
+
     /// (bytes used, chunks cached)
     pub fn usage(&self) -> (u64, u64) {
         let inner = self.inner.lock();

@@ -214,15 +214,16 @@ mod tests {
         )
         .await
         .unwrap();
+        // localhost may also be ::1 (Debian's and Docker's /etc/hosts).
         let me: SocketAddr = "127.0.0.1:7070".parse().unwrap();
-        assert_eq!(m.live(), vec![me]);
+        assert!(m.live().contains(&me), "{:?}", m.live());
         assert_eq!(
             m.me(),
             Some(me),
             "0.0.0.0 matched against this host's addresses"
         );
         m.back_off(me);
-        assert!(m.live().is_empty());
+        assert!(!m.live().contains(&me));
         let bad = Membership::start(
             PeerSpec::Static(vec!["no-such-host.invalid:1".into()]),
             None,
