@@ -14,6 +14,7 @@ use modelfs_engine::size::ByteSize;
 
 use crate::args::progress_bar;
 use crate::control::read_stats;
+use crate::fuse::CACHED_XATTR;
 use crate::mountpoint::{mounted_at, FSTYPE};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -23,8 +24,8 @@ pub struct WarmArgs {
     /// More paths: to warm, or with --check to check (relative to the mount or absolute)
     pub paths: Vec<PathBuf>,
     /// Exit 0 if everything named is cached, 1 if not, reading no byte (a
-    /// probe); answers only for paths under the mount's --preload (all of it
-    /// by default), and fails on a path that does not exist
+    /// probe); with no path, what the mount's --preload names (or all of the
+    /// mount); fails on a path that does not exist
     #[arg(long)]
     pub check: bool,
     /// Warm in the background and return at once
@@ -73,11 +74,8 @@ fn in_mount(root: &Path, path: &Path) -> Result<String> {
     Ok(rel.to_string_lossy().trim_matches('/').to_string())
 }
 
-fn under(path: &str, dir: &str) -> bool {
-    dir.is_empty() || path == dir || path.starts_with(&format!("{dir}/"))
-}
-
-/// Answers from the daemon's preload status alone: no file is opened.
+/// Answers from the daemon's preload status (the mount alone, with a
+/// preload) or from each file's cached-bytes xattr: no file is opened.
 fn check(a: &WarmArgs) -> Result<()> {
     let root = mount_root(&a.path)?;
     let mut named = a
@@ -104,32 +102,17 @@ fn check(a: &WarmArgs) -> Result<()> {
             return Err(e).with_context(|| full.display().to_string());
         }
     }
-    let Some(p) = read_stats(&root)?.preload else {
-        bail!(
-            "{} was mounted without --preload; `warm --check` answers for what --preload names: mount with --preload PATH (\"/\" for everything)",
-            root.display()
-        );
+    let preload = read_stats(&root)?.preload;
+    let Some(p) = preload.filter(|_| named.is_empty()) else {
+        return check_files(&root, &named);
     };
     if !p.error.is_empty() {
         bail!("the preload failed: {}", p.error);
     }
-    let preloaded: Vec<&str> = p.paths.iter().map(|x| x.trim_matches('/')).collect();
-    for n in &named {
-        if !preloaded.iter().any(|d| under(n, d)) {
-            bail!(
-                "{n} is not under the mount's --preload ({}); `warm --check` answers only for preloaded paths",
-                p.paths.join(" ")
-            );
-        }
-    }
     if !p.listed {
         bail!("not cached yet: the mount is still listing what --preload names");
     }
-    let missing: Vec<&String> = p
-        .not_cached
-        .iter()
-        .filter(|f| named.is_empty() || named.iter().any(|n| under(f, n)))
-        .collect();
+    let missing: Vec<&String> = p.not_cached.iter().collect();
     // The daemon names at most NOT_CACHED_SHOWN missing files.
     let unlisted = (p.files - p.files_cached) as usize > p.not_cached.len();
     let progress = format!(
@@ -145,6 +128,51 @@ fn check(a: &WarmArgs) -> Result<()> {
     }
     let mut names: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
     if missing.len() > 5 || unlisted {
+        names.push("...");
+    }
+    bail!("not cached yet: {progress}; missing {}", names.join(", "))
+}
+
+/// Every file under `named` (the whole mount if none), cached or not, from
+/// the `user.modelfs.cached` xattr: lookups and listings, no reads.
+fn check_files(root: &Path, named: &[String]) -> Result<()> {
+    let mut files = vec![];
+    let whole = [String::new()];
+    for n in if named.is_empty() { &whole[..] } else { named } {
+        files_under(&root.join(n), &mut files)?;
+    }
+    let (mut bytes, mut cached, mut missing) = (0u64, 0u64, vec![]);
+    for (f, size) in &files {
+        let raw = xattr::get(f, CACHED_XATTR)
+            .with_context(|| f.display().to_string())?
+            .with_context(|| {
+                format!(
+                    "{} has no {CACHED_XATTR}; is it in a modelfs mount?",
+                    f.display()
+                )
+            })?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&raw).context("reading the cached bytes")?;
+        let c = v["cached"].as_u64().unwrap_or(0).min(*size);
+        bytes += size;
+        cached += c;
+        if c < *size {
+            missing.push(f.strip_prefix(root).unwrap_or(f).display().to_string());
+        }
+    }
+    let progress = format!(
+        "{} of {} files ({} of {})",
+        files.len() - missing.len(),
+        files.len(),
+        ByteSize(cached),
+        ByteSize(bytes)
+    );
+    if missing.is_empty() {
+        println!("modelfs: cached: {progress}");
+        return Ok(());
+    }
+    let mut names: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
+    if missing.len() > 5 {
         names.push("...");
     }
     bail!("not cached yet: {progress}; missing {}", names.join(", "))

@@ -161,11 +161,9 @@ fn readyz_and_warm_check_answer_for_the_preload_before_and_after() {
         let (ok, text) = warm(&args);
         assert!(ok, "{args:?}: {text}");
     }
+    // A path outside the preload is answered too, from its own xattr.
     let (ok, text) = warm(&["--check", mp, "other.bin"]);
-    assert!(
-        !ok && text.contains("not under the mount's --preload"),
-        "{text}"
-    );
+    assert!(!ok && text.contains("missing other.bin"), "{text}");
     let s = m.stats();
     assert_eq!(s["opens"], 0, "the checks opened no file: {s}");
     assert_eq!(s["bytes_served"], 0, "{s}");
@@ -225,14 +223,25 @@ fn a_preload_bigger_than_the_cache_is_not_ready_and_says_why() {
 }
 
 #[test]
-fn warm_check_needs_a_preload() {
+fn warm_check_answers_for_any_path_without_a_preload() {
     let w = Work::new();
-    write_file(&w.src().join("f.bin"), 1 << 20, 5);
-    let m = w.mount(&[]);
-    let (ok, text) = warm(&["--check", m.mp.to_str().unwrap()]);
-    assert!(!ok, "{text}");
-    assert!(text.contains("mount with --preload"), "{text}");
+    write_file(&w.src().join("f.bin"), 3 << 20, 5);
+    write_file(&w.src().join("d/g.bin"), 2 << 20, 6);
+    let m = w.mount(&["--prefetch-concurrency", "0"]);
+    let mp = m.mp.to_str().unwrap();
+    let (ok, text) = warm(&["--check", mp]);
+    assert!(!ok && text.contains("missing"), "{text}");
     assert_eq!(text.trim().lines().count(), 1, "one line: {text}");
+    assert_eq!(m.stats()["opens"], 0, "the check opened no file");
+    assert_same_file(&w.src().join("f.bin"), &m.path("f.bin"));
+    let (ok, text) = warm(&["--check", mp, "f.bin"]);
+    assert!(ok, "{text}");
+    let (ok, text) = warm(&["--check", mp]);
+    assert!(!ok && text.contains("missing d/g.bin"), "{text}");
+    assert_same_file(&w.src().join("d/g.bin"), &m.path("d/g.bin"));
+    let (ok, text) = warm(&["--check", mp]);
+    assert!(ok, "{text}");
+    assert_eq!(m.stats()["opens"], 2, "only the two reads opened files");
 }
 
 #[test]
