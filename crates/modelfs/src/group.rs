@@ -46,6 +46,8 @@ pub struct Group {
     client: Option<PeerClient>,
     listener: Option<std::net::TcpListener>,
     token: String,
+    /// Random per start; carried by every peer request (see `peer::NODE_HEADER`).
+    node: String,
     warmup: Option<String>,
     source: String,
     chunk_size: u64,
@@ -83,8 +85,9 @@ impl Group {
             None => None,
         };
         let timeout = secs(a.peer_timeout, "--peer-timeout")?;
+        let node = peer::new_node_id();
         let client = wanted
-            .then(|| PeerClient::new(token.clone(), timeout, origin_budget))
+            .then(|| PeerClient::new(token.clone(), node.clone(), timeout, origin_budget))
             .transpose()?;
         if let Some(w) = &a.warmup_service {
             if !w.starts_with("http://") {
@@ -96,6 +99,7 @@ impl Group {
             client,
             listener,
             token,
+            node,
             warmup: a
                 .warmup_service
                 .clone()
@@ -149,9 +153,9 @@ impl Group {
         let addr = l.local_addr()?;
         let _guard = rt.enter();
         let listener = tokio::net::TcpListener::from_std(l)?;
-        let (engine, token) = (engine.clone(), self.token.clone());
+        let (engine, token, node) = (engine.clone(), self.token.clone(), self.node.clone());
         rt.spawn(async move {
-            if let Err(e) = peer::serve(engine, listener, token).await {
+            if let Err(e) = peer::serve(engine, listener, token, node).await {
                 error!("peer server on {addr} stopped: {e}");
             }
         });

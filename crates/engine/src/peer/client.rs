@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::CRC_HEADER;
+use super::{CRC_HEADER, NODE_HEADER};
 use crate::{Error, FileVersion, Result};
 
 /// What to ask a peer for.
@@ -25,6 +25,8 @@ pub struct ChunkRequest<'a> {
 pub struct PeerClient {
     http: reqwest::Client,
     token: String,
+    /// This node's id, sent with every request (see `NODE_HEADER`).
+    node: String,
     cached_timeout: Duration,
     fetch_timeout: Duration,
 }
@@ -34,7 +36,12 @@ impl PeerClient {
     /// asked to fetch for the group may first wait on the origin, so it gets
     /// `origin_budget` more: giving up on it sooner would only send this node
     /// to the same busy origin.
-    pub fn new(token: String, timeout: Duration, origin_budget: Duration) -> Result<Self> {
+    pub fn new(
+        token: String,
+        node: String,
+        timeout: Duration,
+        origin_budget: Duration,
+    ) -> Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(timeout)
             .pool_max_idle_per_host(32)
@@ -43,6 +50,7 @@ impl PeerClient {
         Ok(PeerClient {
             http,
             token,
+            node,
             cached_timeout: timeout,
             fetch_timeout: timeout + origin_budget,
         })
@@ -68,6 +76,7 @@ impl PeerClient {
                 ("cached_only", if req.cached_only { "1" } else { "0" }),
             ])
             .bearer_auth(&self.token)
+            .header(NODE_HEADER, &self.node)
             .timeout(if req.cached_only {
                 self.cached_timeout
             } else {
@@ -79,6 +88,15 @@ impl PeerClient {
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             // A miss, not a failure: the peer is fine.
             return Err(Error::NotFound(format!("{base}: {}", file.path)));
+        }
+        if resp.status() == reqwest::StatusCode::MISDIRECTED_REQUEST
+            && resp
+                .headers()
+                .get(NODE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                == Some(self.node.as_str())
+        {
+            return Err(Error::ToSelf(base.to_string()));
         }
         if !resp.status().is_success() {
             return Err(fail(format!("status {}", resp.status())));

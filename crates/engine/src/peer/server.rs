@@ -15,13 +15,14 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tracing::debug;
 
-use super::CRC_HEADER;
+use super::{CRC_HEADER, NODE_HEADER};
 use crate::stats::add;
 use crate::{Engine, Error, FileVersion};
 
 struct Server {
     engine: Arc<Engine>,
     token: String,
+    node: String,
 }
 
 #[derive(Deserialize)]
@@ -40,11 +41,16 @@ pub async fn serve(
     engine: Arc<Engine>,
     listener: tokio::net::TcpListener,
     token: String,
+    node: String,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/v1/chunk", get(chunk))
         .route("/v1/health", get(health))
-        .with_state(Arc::new(Server { engine, token }));
+        .with_state(Arc::new(Server {
+            engine,
+            token,
+            node,
+        }));
     axum::serve(listener, app).await
 }
 
@@ -74,6 +80,17 @@ async fn chunk(
 ) -> Response {
     if !authorized(&headers, &s.token) {
         return refuse(StatusCode::UNAUTHORIZED, "missing or wrong group token");
+    }
+    // From this very node: answering would join the asker's own flight and
+    // both would wait until the timeout. Refused before any work, with the id
+    // so the asker knows the address is its own.
+    if headers.get(NODE_HEADER).and_then(|v| v.to_str().ok()) == Some(s.node.as_str()) {
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            [(NODE_HEADER, s.node.clone())],
+            "this request came from this node itself; that peer address is its own\n",
+        )
+            .into_response();
     }
     let Ok(Query(q)) = q else {
         return refuse(

@@ -1,0 +1,89 @@
+//! The peer group under cluster conditions: a node that does not know its
+//! own address, a hung owner, a flood of idle connections on the peer port.
+//! Every node listens on its own loopback address (127.0.0.N).
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn token_file(dir: &Path) -> PathBuf {
+    let p = dir.join("token");
+    std::fs::write(&p, "a-long-shared-group-token-for-tests\n").unwrap();
+    p
+}
+
+/// A child killed when dropped, so a stalled reader never outlives a failed
+/// test (and never holds the mount busy).
+struct Kid(Child);
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `cmp` of `want` against `got` through the mount, which must finish within
+/// `bound`; the time it took.
+fn cmp_within(want: &Path, got: &Path, bound: Duration) -> Duration {
+    let t = Instant::now();
+    let mut k = Kid(Command::new("cmp").arg(want).arg(got).spawn().unwrap());
+    loop {
+        if let Some(st) = k.0.try_wait().unwrap() {
+            assert!(st.success(), "{} read different bytes", got.display());
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < bound,
+            "reading {} took longer than {bound:?}",
+            got.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_node_whose_peer_list_names_itself_twice_reads_at_once() {
+    let w = Work::new();
+    let data = write_file(&w.src().join("model.bin"), 64 << 20, 9);
+    let token = token_file(w.dir.path());
+    let port = free_port();
+    let listen = format!("0.0.0.0:{port}");
+    // Both are this node: it listens on every address, and knows neither.
+    let peers = format!("127.0.0.2:{port},127.0.0.3:{port}");
+    let m = w.mount(&[
+        "--listen",
+        &listen,
+        "--peers",
+        &peers,
+        "--peer-timeout",
+        "2",
+        "--peer-token-file",
+        token.to_str().unwrap(),
+    ]);
+    let took = cmp_within(
+        &w.src().join("model.bin"),
+        &m.path("model.bin"),
+        Duration::from_secs(20),
+    );
+    let s = m.stats();
+    assert_eq!(
+        s["bytes_from_source"].as_u64(),
+        Some(data.len() as u64),
+        "{s}"
+    );
+    assert_eq!(s["bytes_from_peers"].as_u64(), Some(0), "{s}");
+    eprintln!("64 MiB through a node that names itself twice: {took:?}");
+}
