@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use modelfs_engine::peer::{
@@ -35,8 +34,8 @@ pub struct GroupArgs {
     /// Serve /metrics (Prometheus), /healthz and /readyz on ADDR:PORT, without the token
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
-    /// Seconds to connect to a peer or get a chunk from its cache; a peer that
-    /// fetches the chunk for the group also gets the origin's own time budget
+    /// Seconds to connect to a peer and get the first byte of its answer (from its cache or
+    /// fetched for the group); the chunk must then come at 1 MiB/s or better
     #[arg(long, default_value_t = 5.0)]
     pub peer_timeout: f64,
 }
@@ -57,14 +56,7 @@ pub struct Group {
 impl Group {
     /// Checks the flags, resolves the peers and takes the listening port, all
     /// before anything is mounted.
-    /// `origin_budget` is how long the origin may take for one chunk,
-    /// retries included.
-    pub async fn start(
-        a: &GroupArgs,
-        source: &str,
-        chunk_size: u64,
-        origin_budget: Duration,
-    ) -> Result<Group> {
+    pub async fn start(a: &GroupArgs, source: &str, chunk_size: u64) -> Result<Group> {
         let wanted = a.peers.is_some() || a.listen.is_some() || a.warmup_service.is_some();
         let token = match (&a.peer_token_file, wanted) {
             (Some(f), _) => peer::read_token(f)?,
@@ -87,7 +79,7 @@ impl Group {
         let timeout = secs(a.peer_timeout, "--peer-timeout")?;
         let node = peer::new_node_id();
         let client = wanted
-            .then(|| PeerClient::new(token.clone(), node.clone(), timeout, origin_budget))
+            .then(|| PeerClient::new(token.clone(), node.clone(), timeout))
             .transpose()?;
         if let Some(w) = &a.warmup_service {
             if !w.starts_with("http://") {

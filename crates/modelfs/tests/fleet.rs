@@ -87,3 +87,48 @@ fn a_node_whose_peer_list_names_itself_twice_reads_at_once() {
     assert_eq!(s["bytes_from_peers"].as_u64(), Some(0), "{s}");
     eprintln!("64 MiB through a node that names itself twice: {took:?}");
 }
+
+/// A peer that accepts connections and never answers (a stopped or wedged
+/// process: the kernel still accepts for it). Its sockets stay open for the
+/// life of the test process.
+fn hung_peer(ip: &str) -> String {
+    let l = TcpListener::bind(format!("{ip}:0")).unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for s in l.incoming().take(500) {
+            held.extend(s.ok());
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_hung_owner_costs_a_read_at_most_the_documented_bound() {
+    let w = Work::new();
+    write_file(&w.src().join("model.bin"), 32 << 20, 11);
+    let token = token_file(w.dir.path());
+    let hung = hung_peer("127.0.0.60");
+    let me = format!("127.0.0.61:{}", free_port());
+    let m = w.mount(&[
+        "--listen",
+        &me,
+        "--peers",
+        &format!("{me},{hung}"),
+        "--peer-timeout",
+        "2",
+        "--peer-token-file",
+        token.to_str().unwrap(),
+    ]);
+    // The bound: 2 s to the first byte (the hung peer never sends one); the
+    // chunks it owns are then read from the origin, and it is backed off.
+    let took = cmp_within(
+        &w.src().join("model.bin"),
+        &m.path("model.bin"),
+        Duration::from_secs(2 + 6),
+    );
+    let s = m.stats();
+    assert_eq!(s["bytes_from_source"].as_u64(), Some(32 << 20), "{s}");
+    assert!(s["peers"][&hung]["errors"].as_u64().unwrap() >= 1, "{s}");
+    eprintln!("32 MiB past a hung owner: {took:?}");
+}

@@ -21,27 +21,30 @@ pub struct ChunkRequest<'a> {
     pub cached_only: bool,
 }
 
+/// The slowest a peer may send a chunk's body once it has answered: a
+/// peer below it is stalled or overloaded, and the origin is the better bet.
+pub const MIN_PEER_RATE: u64 = 1 << 20;
+
 #[derive(Clone)]
 pub struct PeerClient {
     http: reqwest::Client,
     token: String,
     /// This node's id, sent with every request (see `NODE_HEADER`).
     node: String,
-    cached_timeout: Duration,
-    fetch_timeout: Duration,
+    /// Bounds connecting and the answer's headers (its first byte).
+    timeout: Duration,
 }
 
 impl PeerClient {
-    /// `timeout` bounds connecting and an answer from a peer's cache; a peer
-    /// asked to fetch for the group may first wait on the origin, so it gets
-    /// `origin_budget` more: giving up on it sooner would only send this node
-    /// to the same busy origin.
-    pub fn new(
-        token: String,
-        node: String,
-        timeout: Duration,
-        origin_budget: Duration,
-    ) -> Result<Self> {
+    /// `timeout` bounds connecting and the first byte of the answer, whether
+    /// the peer has the chunk or fetches it for the group; the body must then
+    /// come at `MIN_PEER_RATE` or better. So a hung peer (one that accepts
+    /// and never answers, or stops mid-body) costs a read at most
+    /// `timeout + max(timeout, chunk / MIN_PEER_RATE)` before the next tier.
+    /// An owner whose origin needs longer than `timeout` for one chunk loses
+    /// the request to the next tier: a bounded read is worth a second origin
+    /// fetch of that chunk.
+    pub fn new(token: String, node: String, timeout: Duration) -> Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(timeout)
             .pool_max_idle_per_host(32)
@@ -51,9 +54,18 @@ impl PeerClient {
             http,
             token,
             node,
-            cached_timeout: timeout,
-            fetch_timeout: timeout + origin_budget,
+            timeout,
         })
+    }
+
+    /// The longest a whole chunk request of `len` bytes may take.
+    pub fn bound(&self, len: u64) -> Duration {
+        self.timeout + self.body_bound(len)
+    }
+
+    fn body_bound(&self, len: u64) -> Duration {
+        self.timeout
+            .max(Duration::from_secs_f64(len as f64 / MIN_PEER_RATE as f64))
     }
 
     /// One chunk from the server at `base` (http://host:port).
@@ -77,14 +89,13 @@ impl PeerClient {
             ])
             .bearer_auth(&self.token)
             .header(NODE_HEADER, &self.node)
-            .timeout(if req.cached_only {
-                self.cached_timeout
-            } else {
-                self.fetch_timeout
-            })
-            .send()
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+            .send();
+        // Connecting and the first byte: a peer that accepts and never
+        // answers is given up on here.
+        let resp = match tokio::time::timeout(self.timeout, resp).await {
+            Ok(r) => r.map_err(|e| fail(e.to_string()))?,
+            Err(_) => return Err(fail(format!("no answer within {:?}", self.timeout))),
+        };
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             // A miss, not a failure: the peer is fine.
             return Err(Error::NotFound(format!("{base}: {}", file.path)));
@@ -107,7 +118,15 @@ impl PeerClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| u32::from_str_radix(v, 16).ok())
             .ok_or_else(|| fail("no crc32c header".into()))?;
-        let body = resp.bytes().await.map_err(|e| fail(e.to_string()))?;
+        let bound = self.body_bound(req.len);
+        let body = match tokio::time::timeout(bound, resp.bytes()).await {
+            Ok(b) => b.map_err(|e| fail(e.to_string()))?,
+            Err(_) => {
+                return Err(fail(format!(
+                    "the chunk did not arrive within {bound:?} (slower than 1 MiB/s)"
+                )))
+            }
+        };
         if body.len() as u64 != req.len || crc32c::crc32c(&body) != crc {
             return Err(Error::Corrupt {
                 path: format!("{} (from {base})", file.path),
