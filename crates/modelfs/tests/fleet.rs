@@ -132,3 +132,62 @@ fn a_hung_owner_costs_a_read_at_most_the_documented_bound() {
     assert!(s["peers"][&hung]["errors"].as_u64().unwrap() >= 1, "{s}");
     eprintln!("32 MiB past a hung owner: {took:?}");
 }
+
+fn fds(pid: u64) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn a_thousand_idle_connections_to_the_peer_port_do_not_stop_reads() {
+    // This process holds the thousand client ends.
+    let lim = libc::rlimit {
+        rlim_cur: 4096,
+        rlim_max: 4096,
+    };
+    // SAFETY: plain setrlimit on this process; a failure shows in connect.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    let w = Work::new();
+    write_file(&w.src().join("model.bin"), 32 << 20, 13);
+    let token = token_file(w.dir.path());
+    let me = format!("127.0.0.70:{}", free_port());
+    let m = w.mount(&[
+        "--listen",
+        &me,
+        "--peers",
+        &me,
+        "--peer-token-file",
+        token.to_str().unwrap(),
+    ]);
+    let pid = m.stat_u64("pid");
+    let base = fds(pid);
+    let addr: std::net::SocketAddr = me.parse().unwrap();
+    let started = Instant::now();
+    // No token, no request: idle connections, as a scanner or a leak makes.
+    let mut idle = vec![];
+    for _ in 0..1000 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            idle.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let during = fds(pid);
+    cmp_within(
+        &w.src().join("model.bin"),
+        &m.path("model.bin"),
+        Duration::from_secs(20),
+    );
+    assert_eq!(m.stat_u64("bytes_from_source"), 32 << 20);
+    assert!(
+        during <= base + 300,
+        "the daemon holds {during} descriptors with 1000 idle connections (from {base})"
+    );
+    // Idle connections are closed after the header timeout (10 s).
+    wait_until(
+        "the idle connections to be closed",
+        Duration::from_secs(20).saturating_sub(started.elapsed()) + Duration::from_secs(5),
+        || fds(pid) <= base + 10,
+    );
+    drop(idle);
+}

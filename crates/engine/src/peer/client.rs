@@ -48,6 +48,9 @@ impl PeerClient {
         let http = reqwest::Client::builder()
             .connect_timeout(timeout)
             .pool_max_idle_per_host(32)
+            // Before the server's own idle limit (`HEADER_TIMEOUT`), so a
+            // pooled connection is rarely one the server has just closed.
+            .pool_idle_timeout(super::server::HEADER_TIMEOUT / 2)
             .build()
             .map_err(|e| Error::Config(format!("peer client: {e}")))?;
         Ok(PeerClient {

@@ -4,16 +4,20 @@
 //! make the node cache anything but the source's current files.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
+use axum::extract::Request;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
-use tracing::debug;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
 
 use super::{CRC_HEADER, NODE_HEADER};
 use crate::stats::add;
@@ -36,6 +40,17 @@ struct ChunkQuery {
     cached_only: u8,
 }
 
+/// Connections served at once; more are closed as soon as accepted. A
+/// node's peers keep a few pooled connections each, so this is room for a
+/// big group while descriptors stay far below the daemon's limit: idle or
+/// hostile connections must never starve the mount's own reads of fds.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Time for a request's headers, counted from when the server starts
+/// waiting for them: on a new connection and between keep-alive requests
+/// alike, so it also closes idle connections. Peers' pools drop idle
+/// connections sooner (see the client), so they rarely meet a closed one.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the peer protocol on `listener` until the runtime stops.
 pub async fn serve(
     engine: Arc<Engine>,
@@ -43,15 +58,58 @@ pub async fn serve(
     token: String,
     node: String,
 ) -> std::io::Result<()> {
+    let state = Arc::new(Server {
+        engine,
+        token,
+        node,
+    });
     let app = Router::new()
         .route("/v1/chunk", get(chunk))
         .route("/v1/health", get(health))
-        .with_state(Arc::new(Server {
-            engine,
-            token,
-            node,
-        }));
-    axum::serve(listener, app).await
+        // The token before anything else, query parsing included.
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut refused: u64 = 0;
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors, most likely: wait rather than spin.
+                warn!("peer port: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            // Once per power of two, so a flood does not flood the log too.
+            if refused.is_power_of_two() {
+                warn!(%from, "peer port: {MAX_CONNECTIONS} connections open; closing new ones ({refused} so far)");
+            }
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                debug!(%from, "peer connection: {e}");
+            }
+            drop(slot);
+        });
+    }
+}
+
+async fn require_token(State(s): State<Arc<Server>>, req: Request, next: Next) -> Response {
+    if !authorized(req.headers(), &s.token) {
+        return refuse(StatusCode::UNAUTHORIZED, "missing or wrong group token");
+    }
+    next.run(req).await
 }
 
 fn authorized(headers: &HeaderMap, token: &str) -> bool {
