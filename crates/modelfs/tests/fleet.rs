@@ -191,3 +191,190 @@ fn a_thousand_idle_connections_to_the_peer_port_do_not_stop_reads() {
     );
     drop(idle);
 }
+
+/// A CA and one certificate it signed for 127.0.0.80-82, made with openssl
+/// in `dir`: (ca, cert, key).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |n: &str| dir.join(n);
+    let sh = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let s = |p: PathBuf| p.to_str().unwrap().to_string();
+    let (ca, ca_key, cert, key, csr, ext) = (
+        s(p("ca.pem")),
+        s(p("ca.key")),
+        s(p("node.pem")),
+        s(p("node.key")),
+        s(p("node.csr")),
+        s(p("ext.cnf")),
+    );
+    sh(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=modelfs test group CA",
+    ]);
+    sh(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+        "-subj",
+        "/CN=modelfs node",
+    ]);
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.80,IP:127.0.0.81,IP:127.0.0.82\n\
+         extendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        &cert,
+        "-days",
+        "2",
+        "-extfile",
+        &ext,
+    ]);
+    (p("ca.pem"), p("node.pem"), p("node.key"))
+}
+
+#[test]
+fn peers_talk_tls_with_the_groups_ca_and_refuse_plain_http() {
+    let src = Work::new();
+    let data = write_file(&src.src().join("model.bin"), 48 << 20, 17);
+    let token = token_file(src.dir.path());
+    let (ca, cert, key) = certificates(src.dir.path());
+    let port = free_port();
+    let addrs = [format!("127.0.0.80:{port}"), format!("127.0.0.81:{port}")];
+    let all = addrs.join(",");
+    let works: Vec<Work> = (0..2).map(|_| Work::new()).collect();
+    let mounts: Vec<Mount> = (0..2)
+        .map(|i| {
+            Mount::new(
+                src.src().to_str().unwrap(),
+                &works[i].mnt(),
+                works[i].cache.path(),
+                &[
+                    "--listen",
+                    &addrs[i],
+                    "--peers",
+                    &all,
+                    "--peer-token-file",
+                    token.to_str().unwrap(),
+                    "--peer-tls-cert",
+                    cert.to_str().unwrap(),
+                    "--peer-tls-key",
+                    key.to_str().unwrap(),
+                    "--peer-tls-ca",
+                    ca.to_str().unwrap(),
+                ],
+                &[],
+            )
+        })
+        .collect();
+    // Both nodes at once: each asks the other for the chunks it owns.
+    let kids: Vec<Kid> = mounts
+        .iter()
+        .map(|m| {
+            Kid(Command::new("cmp")
+                .arg(src.src().join("model.bin"))
+                .arg(m.path("model.bin"))
+                .spawn()
+                .unwrap())
+        })
+        .collect();
+    for mut k in kids {
+        assert!(k.0.wait().unwrap().success(), "a node read different bytes");
+    }
+    let origin: u64 = mounts.iter().map(|m| m.stat_u64("bytes_from_source")).sum();
+    let peers: u64 = mounts.iter().map(|m| m.stat_u64("bytes_from_peers")).sum();
+    assert!(peers > 0, "no chunk went between the peers over TLS");
+    assert!(
+        origin <= data.len() as u64 * 105 / 100,
+        "{origin} origin bytes for {}",
+        data.len()
+    );
+    for m in &mounts {
+        let s = m.stats();
+        let errors: u64 = s["peers"]
+            .as_object()
+            .map(|p| p.values().map(|v| v["errors"].as_u64().unwrap_or(0)).sum())
+            .unwrap_or(0);
+        assert_eq!(errors, 0, "{s}");
+    }
+    // Plain HTTP with the right token gets no chunk and no answer at all.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&addrs[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a-long-shared-group-token-for-tests\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut out = vec![];
+    let _ = s.read_to_end(&mut out);
+    assert!(
+        !String::from_utf8_lossy(&out).contains("200 OK"),
+        "plain http was served"
+    );
+    // A TLS client without a certificate of the group is refused (mTLS).
+    let no_cert = Command::new("curl")
+        .args(["-sk", "--max-time", "10", "-H"])
+        .arg("Authorization: Bearer a-long-shared-group-token-for-tests")
+        .arg(format!("https://{}/v1/health", addrs[0]))
+        .output();
+    if let Ok(o) = no_cert {
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains("ok"),
+            "a client without a certificate was served"
+        );
+    }
+    let with_cert = Command::new("curl")
+        .args(["-s", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("-H")
+        .arg("Authorization: Bearer a-long-shared-group-token-for-tests")
+        .arg(format!("https://{}/v1/health", addrs[0]))
+        .output();
+    if let Ok(o) = with_cert {
+        if o.status.code() != Some(127) {
+            assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n", "{o:?}");
+        }
+    }
+    drop(mounts);
+}

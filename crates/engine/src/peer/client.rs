@@ -44,8 +44,19 @@ impl PeerClient {
     /// An owner whose origin needs longer than `timeout` for one chunk loses
     /// the request to the next tier: a bounded read is worth a second origin
     /// fetch of that chunk.
-    pub fn new(token: String, node: String, timeout: Duration) -> Result<Self> {
-        let http = reqwest::Client::builder()
+    /// With `tls`, peers are asked over https and must show a certificate
+    /// of the group's CA.
+    pub fn new(
+        token: String,
+        node: String,
+        timeout: Duration,
+        tls: Option<&super::TlsFiles>,
+    ) -> Result<Self> {
+        let mut b = reqwest::Client::builder();
+        if let Some(t) = tls {
+            b = t.client(b)?;
+        }
+        let http = b
             .connect_timeout(timeout)
             .pool_max_idle_per_host(32)
             // Before the server's own idle limit (`HEADER_TIMEOUT`), so a

@@ -16,12 +16,14 @@ mod membership;
 mod rendezvous;
 mod server;
 mod tiers;
+mod tls;
 
 pub use client::{ChunkRequest, PeerClient};
 pub use membership::{Membership, PeerSpec};
 pub use rendezvous::{owner, ranked};
 pub use server::serve;
 pub use tiers::{ChunkAsker, PeerTier, WarmupTier};
+pub use tls::{TlsAcceptor, TlsFiles};
 
 pub const CRC_HEADER: &str = "x-modelfs-crc32c";
 /// The asking node's id, random per process: a request that reaches the

@@ -57,6 +57,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     token: String,
     node: String,
+    tls: Option<super::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let state = Arc::new(Server {
         engine,
@@ -92,16 +93,36 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                debug!(%from, "peer connection: {e}");
+            match tls {
+                None => serve_connection(stream, svc, from).await,
+                // The handshake gets the header timeout too: a client that
+                // connects and says nothing gives its slot back as soon.
+                Some(tls) => match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)).await {
+                    Ok(Ok(s)) => serve_connection(s, svc, from).await,
+                    Ok(Err(e)) => debug!(%from, "peer TLS handshake: {e}"),
+                    Err(_) => debug!(%from, "peer TLS handshake timed out"),
+                },
             }
             drop(slot);
         });
+    }
+}
+
+async fn serve_connection<I>(
+    io: I,
+    svc: hyper_util::service::TowerToHyperService<Router>,
+    from: std::net::SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    if let Err(e) = conn.await {
+        debug!(%from, "peer connection: {e}");
     }
 }
 

@@ -70,6 +70,8 @@ fn failed(r: &Result<Bytes>) -> bool {
 /// Asks the chunk's owner among the live peers.
 pub struct PeerTier {
     pub membership: Arc<Membership>,
+    /// `http` or, between peers with TLS, `https`.
+    pub scheme: &'static str,
     pub asker: ChunkAsker,
 }
 
@@ -114,7 +116,7 @@ impl Tier for PeerTier {
                 return Err(Error::Unavailable("this node owns the chunk".into()));
             };
             let name = peer.to_string();
-            let base = format!("http://{name}");
+            let base = format!("{}://{name}", self.scheme);
             let t = Instant::now();
             let r = self
                 .asker
