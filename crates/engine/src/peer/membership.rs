@@ -267,4 +267,23 @@ mod tests {
         assert_eq!(m.live(), both, "IPv4 and IPv6 members");
         assert_eq!(m.me(), Some(both[0]));
     }
+
+    #[tokio::test]
+    async fn addresses_that_answered_with_this_nodes_id_are_its_own() {
+        let a: SocketAddr = "127.0.0.2:7070".parse().unwrap();
+        let b: SocketAddr = "127.0.0.3:7070".parse().unwrap();
+        let m = Membership::start(
+            PeerSpec::Static(vec![a.to_string(), b.to_string()]),
+            Some("0.0.0.0:7070".parse().unwrap()),
+        )
+        .await
+        .unwrap();
+        assert!(!m.is_me(a) && !m.is_me(b));
+        m.mark_self(a);
+        assert!(m.is_me(a) && !m.is_me(b));
+        // Still a member: every node ranks the same list, so owners agree.
+        assert_eq!(m.live(), vec![a, b]);
+        m.update(vec![a]);
+        assert!(m.is_me(a), "kept across membership changes");
+    }
 }
