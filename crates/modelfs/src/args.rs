@@ -89,6 +89,11 @@ pub fn secs(v: f64, flag: &str) -> Result<Duration> {
 }
 
 impl SourceArgs {
+    /// The longest the origin may take for one request, retries included.
+    pub fn budget(&self) -> Duration {
+        Duration::from_secs_f64(self.request_timeout.max(0.0)) * (self.retries as u32 + 1)
+    }
+
     pub fn options(&self) -> Result<SourceOptions> {
         Ok(SourceOptions {
             endpoint: self.endpoint.clone(),

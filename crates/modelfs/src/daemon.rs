@@ -224,6 +224,7 @@ fn start(args: &MountArgs) -> Result<Mounted> {
         &args.group,
         source.id(),
         args.cache.chunk_size.0,
+        args.store.budget(),
     ))?;
     let engine = Engine::new(
         source.clone(),

@@ -34,8 +34,8 @@ pub struct GroupArgs {
     /// Serve /metrics (Prometheus), /healthz and /readyz on ADDR:PORT, without the token
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
-    /// Seconds to connect to a peer and get the first byte of its answer (from its cache or
-    /// fetched for the group); the chunk must then come at 1 MiB/s or better
+    /// Seconds to connect to a peer and get the first byte from its cache (a peer that fetches
+    /// for the group also gets the origin's budget); the chunk must then come at 1 MiB/s or better
     #[arg(long, default_value_t = 5.0)]
     pub peer_timeout: f64,
     #[command(flatten)]
@@ -87,7 +87,14 @@ pub struct Group {
 impl Group {
     /// Checks the flags, resolves the peers and takes the listening port, all
     /// before anything is mounted.
-    pub async fn start(a: &GroupArgs, source: &str, chunk_size: u64) -> Result<Group> {
+    /// `origin_budget` is how long the origin may take for one chunk,
+    /// retries included.
+    pub async fn start(
+        a: &GroupArgs,
+        source: &str,
+        chunk_size: u64,
+        origin_budget: std::time::Duration,
+    ) -> Result<Group> {
         let wanted = a.peers.is_some() || a.listen.is_some() || a.warmup_service.is_some();
         let token = match (&a.peer_token_file, wanted) {
             (Some(f), _) => peer::read_token(f)?,
@@ -119,7 +126,7 @@ impl Group {
                 // Only a node that asks others needs the CA to check them by.
                 let asks = a.peers.is_some() || a.warmup_service.is_some();
                 let tls = tls.as_ref().filter(|_| asks);
-                PeerClient::new(token.clone(), node.clone(), timeout, tls)
+                PeerClient::new(token.clone(), node.clone(), timeout, origin_budget, tls)
             })
             .transpose()?;
         if let Some(w) = &a.warmup_service {

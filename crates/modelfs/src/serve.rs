@@ -58,7 +58,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         tls: a.tls.clone(),
         metrics_listen: a.metrics_listen,
     };
-    let mut group = rt.block_on(Group::start(&group_args, source.id(), a.cache.chunk_size.0))?;
+    let mut group = rt.block_on(Group::start(
+        &group_args,
+        source.id(),
+        a.cache.chunk_size.0,
+        a.store.budget(),
+    ))?;
     let cfg = a.cache.engine_config(source.id(), 0)?;
     let engine = Engine::new(source, cfg, |_| vec![])?;
     group.serve(&engine, rt.handle(), None)?;

@@ -33,23 +33,25 @@ pub struct PeerClient {
     node: String,
     /// Bounds connecting and the answer's headers (its first byte).
     timeout: Duration,
+    /// More time for the first byte when the peer fetches for the group.
+    origin_budget: Duration,
 }
 
 impl PeerClient {
-    /// `timeout` bounds connecting and the first byte of the answer, whether
-    /// the peer has the chunk or fetches it for the group; the body must then
-    /// come at `MIN_PEER_RATE` or better. So a hung peer (one that accepts
-    /// and never answers, or stops mid-body) costs a read at most
-    /// `timeout + max(timeout, chunk / MIN_PEER_RATE)` before the next tier.
-    /// An owner whose origin needs longer than `timeout` for one chunk loses
-    /// the request to the next tier: a bounded read is worth a second origin
-    /// fetch of that chunk.
+    /// `timeout` bounds connecting and the first byte of an answer from a
+    /// peer's cache; a peer asked to fetch for the group may first wait on
+    /// the origin, so its first byte gets `origin_budget` more (giving up
+    /// sooner would send this node to the same busy origin: each chunk twice).
+    /// The body must then come at `MIN_PEER_RATE` or better. So a hung peer
+    /// costs a read at most `timeout (+ origin_budget) + max(timeout, chunk /
+    /// MIN_PEER_RATE)` before the next tier.
     /// With `tls`, peers are asked over https and must show a certificate
     /// of the group's CA.
     pub fn new(
         token: String,
         node: String,
         timeout: Duration,
+        origin_budget: Duration,
         tls: Option<&super::TlsFiles>,
     ) -> Result<Self> {
         let mut b = reqwest::Client::builder();
@@ -69,12 +71,8 @@ impl PeerClient {
             token,
             node,
             timeout,
+            origin_budget,
         })
-    }
-
-    /// The longest a whole chunk request of `len` bytes may take.
-    pub fn bound(&self, len: u64) -> Duration {
-        self.timeout + self.body_bound(len)
     }
 
     fn body_bound(&self, len: u64) -> Duration {
@@ -106,9 +104,14 @@ impl PeerClient {
             .send();
         // Connecting and the first byte: a peer that accepts and never
         // answers is given up on here.
-        let resp = match tokio::time::timeout(self.timeout, resp).await {
+        let first_byte = if req.cached_only {
+            self.timeout
+        } else {
+            self.timeout + self.origin_budget
+        };
+        let resp = match tokio::time::timeout(first_byte, resp).await {
             Ok(r) => r.map_err(|e| fail(e.to_string()))?,
-            Err(_) => return Err(fail(format!("no answer within {:?}", self.timeout))),
+            Err(_) => return Err(fail(format!("no answer within {first_byte:?}"))),
         };
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             // A miss, not a failure: the peer is fine.
