@@ -19,6 +19,10 @@ pub enum Error {
     /// A tier that cannot answer this request: the next tier is asked.
     #[error("{0}")]
     Unavailable(String),
+    /// A peer request that reached this node itself: that address is this
+    /// node's own.
+    #[error("{0} is this node itself")]
+    ToSelf(String),
     #[error("cache: {0}")]
     Cache(String),
     #[error("{0}")]

@@ -4,11 +4,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use modelfs_engine::peer::{
-    self, ChunkAsker, Membership, PeerClient, PeerSpec, PeerTier, WarmupTier,
+    self, ChunkAsker, Membership, PeerClient, PeerSpec, PeerTier, TlsAcceptor, TlsFiles, WarmupTier,
 };
 use modelfs_engine::stats::Stats;
 use modelfs_engine::tier::Tier;
@@ -35,10 +34,38 @@ pub struct GroupArgs {
     /// Serve /metrics (Prometheus), /healthz and /readyz on ADDR:PORT, without the token
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
-    /// Seconds to connect to a peer or get a chunk from its cache; a peer that
-    /// fetches the chunk for the group also gets the origin's own time budget
+    /// Seconds to connect to a peer and get the first byte from its cache (a peer that fetches
+    /// for the group also gets the origin's budget); the chunk must then come at 1 MiB/s or better
     #[arg(long, default_value_t = 5.0)]
     pub peer_timeout: f64,
+    #[command(flatten)]
+    pub tls: PeerTlsArgs,
+}
+
+/// TLS between peers, with the group's own CA.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PeerTlsArgs {
+    /// This node's certificate (PEM), signed by the group's CA: peers are served and asked
+    /// over https
+    #[arg(long, requires = "peer_tls_key")]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// The private key of --peer-tls-cert (PEM)
+    #[arg(long, requires = "peer_tls_cert")]
+    pub peer_tls_key: Option<PathBuf>,
+    /// The group's CA (PEM): peers' certificates are checked against it, and a server given it
+    /// requires clients to show one (mTLS)
+    #[arg(long, requires = "peer_tls_cert")]
+    pub peer_tls_ca: Option<PathBuf>,
+}
+
+impl PeerTlsArgs {
+    fn files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.peer_tls_cert.clone()?,
+            key: self.peer_tls_key.clone()?,
+            ca: self.peer_tls_ca.clone(),
+        })
+    }
 }
 
 pub struct Group {
@@ -46,10 +73,15 @@ pub struct Group {
     client: Option<PeerClient>,
     listener: Option<std::net::TcpListener>,
     token: String,
+    /// Random per start; carried by every peer request (see `peer::NODE_HEADER`).
+    node: String,
     warmup: Option<String>,
     source: String,
     chunk_size: u64,
     metrics_listen: Option<SocketAddr>,
+    /// The peer port's TLS, when `--peer-tls-cert` is given.
+    acceptor: Option<TlsAcceptor>,
+    scheme: &'static str,
 }
 
 impl Group {
@@ -61,7 +93,7 @@ impl Group {
         a: &GroupArgs,
         source: &str,
         chunk_size: u64,
-        origin_budget: Duration,
+        origin_budget: std::time::Duration,
     ) -> Result<Group> {
         let wanted = a.peers.is_some() || a.listen.is_some() || a.warmup_service.is_some();
         let token = match (&a.peer_token_file, wanted) {
@@ -83,12 +115,24 @@ impl Group {
             None => None,
         };
         let timeout = secs(a.peer_timeout, "--peer-timeout")?;
+        let node = peer::new_node_id();
+        let tls = a.tls.files();
+        let acceptor = match (&tls, a.listen) {
+            (Some(t), Some(_)) => Some(t.acceptor()?),
+            _ => None,
+        };
         let client = wanted
-            .then(|| PeerClient::new(token.clone(), timeout, origin_budget))
+            .then(|| {
+                // Only a node that asks others needs the CA to check them by.
+                let asks = a.peers.is_some() || a.warmup_service.is_some();
+                let tls = tls.as_ref().filter(|_| asks);
+                PeerClient::new(token.clone(), node.clone(), timeout, origin_budget, tls)
+            })
             .transpose()?;
         if let Some(w) = &a.warmup_service {
-            if !w.starts_with("http://") {
-                bail!("--warmup-service {w}: write it as http://host:port");
+            let want = if tls.is_some() { "https://" } else { "http://" };
+            if !w.starts_with(want) {
+                bail!("--warmup-service {w}: write it as {want}host:port (https:// with --peer-tls-cert, http:// without)");
             }
         }
         Ok(Group {
@@ -96,6 +140,7 @@ impl Group {
             client,
             listener,
             token,
+            node,
             warmup: a
                 .warmup_service
                 .clone()
@@ -103,6 +148,8 @@ impl Group {
             source: source.to_string(),
             chunk_size,
             metrics_listen: a.metrics_listen,
+            acceptor,
+            scheme: if tls.is_some() { "https" } else { "http" },
         })
     }
 
@@ -119,6 +166,7 @@ impl Group {
         if let Some(m) = &self.membership {
             t.push(Arc::new(PeerTier {
                 membership: m.clone(),
+                scheme: self.scheme,
                 asker: asker(),
             }));
         }
@@ -149,9 +197,10 @@ impl Group {
         let addr = l.local_addr()?;
         let _guard = rt.enter();
         let listener = tokio::net::TcpListener::from_std(l)?;
-        let (engine, token) = (engine.clone(), self.token.clone());
+        let (engine, token, node) = (engine.clone(), self.token.clone(), self.node.clone());
+        let tls = self.acceptor.clone();
         rt.spawn(async move {
-            if let Err(e) = peer::serve(engine, listener, token).await {
+            if let Err(e) = peer::serve(engine, listener, token, node, tls).await {
                 error!("peer server on {addr} stopped: {e}");
             }
         });

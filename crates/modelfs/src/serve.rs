@@ -34,6 +34,8 @@ pub struct ServeArgs {
     pub concurrency: usize,
     #[arg(long)]
     pub peer_token_file: PathBuf,
+    #[command(flatten)]
+    pub tls: crate::group::PeerTlsArgs,
     /// Serve /metrics (Prometheus), /healthz and /readyz (preload complete) on ADDR:PORT
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -53,6 +55,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         warmup_service: None,
         peer_token_file: Some(a.peer_token_file.clone()),
         peer_timeout: 5.0,
+        tls: a.tls.clone(),
         metrics_listen: a.metrics_listen,
     };
     let mut group = rt.block_on(Group::start(

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::CRC_HEADER;
+use super::{CRC_HEADER, NODE_HEADER};
 use crate::{Error, FileVersion, Result};
 
 /// What to ask a peer for.
@@ -21,31 +21,63 @@ pub struct ChunkRequest<'a> {
     pub cached_only: bool,
 }
 
+/// The slowest a peer may send a chunk's body once it has answered: a
+/// peer below it is stalled or overloaded, and the origin is the better bet.
+pub const MIN_PEER_RATE: u64 = 1 << 20;
+
 #[derive(Clone)]
 pub struct PeerClient {
     http: reqwest::Client,
     token: String,
-    cached_timeout: Duration,
-    fetch_timeout: Duration,
+    /// This node's id, sent with every request (see `NODE_HEADER`).
+    node: String,
+    /// Bounds connecting and the answer's headers (its first byte).
+    timeout: Duration,
+    /// More time for the first byte when the peer fetches for the group.
+    origin_budget: Duration,
 }
 
 impl PeerClient {
-    /// `timeout` bounds connecting and an answer from a peer's cache; a peer
-    /// asked to fetch for the group may first wait on the origin, so it gets
-    /// `origin_budget` more: giving up on it sooner would only send this node
-    /// to the same busy origin.
-    pub fn new(token: String, timeout: Duration, origin_budget: Duration) -> Result<Self> {
-        let http = reqwest::Client::builder()
+    /// `timeout` bounds connecting and the first byte of an answer from a
+    /// peer's cache; a peer asked to fetch for the group may first wait on
+    /// the origin, so its first byte gets `origin_budget` more (giving up
+    /// sooner would send this node to the same busy origin: each chunk twice).
+    /// The body must then come at `MIN_PEER_RATE` or better. So a hung peer
+    /// costs a read at most `timeout (+ origin_budget) + max(timeout, chunk /
+    /// MIN_PEER_RATE)` before the next tier.
+    /// With `tls`, peers are asked over https and must show a certificate
+    /// of the group's CA.
+    pub fn new(
+        token: String,
+        node: String,
+        timeout: Duration,
+        origin_budget: Duration,
+        tls: Option<&super::TlsFiles>,
+    ) -> Result<Self> {
+        let mut b = reqwest::Client::builder();
+        if let Some(t) = tls {
+            b = t.client(b)?;
+        }
+        let http = b
             .connect_timeout(timeout)
             .pool_max_idle_per_host(32)
+            // Before the server's own idle limit (`HEADER_TIMEOUT`), so a
+            // pooled connection is rarely one the server has just closed.
+            .pool_idle_timeout(super::server::HEADER_TIMEOUT / 2)
             .build()
             .map_err(|e| Error::Config(format!("peer client: {e}")))?;
         Ok(PeerClient {
             http,
             token,
-            cached_timeout: timeout,
-            fetch_timeout: timeout + origin_budget,
+            node,
+            timeout,
+            origin_budget,
         })
+    }
+
+    fn body_bound(&self, len: u64) -> Duration {
+        self.timeout
+            .max(Duration::from_secs_f64(len as f64 / MIN_PEER_RATE as f64))
     }
 
     /// One chunk from the server at `base` (http://host:port).
@@ -68,17 +100,31 @@ impl PeerClient {
                 ("cached_only", if req.cached_only { "1" } else { "0" }),
             ])
             .bearer_auth(&self.token)
-            .timeout(if req.cached_only {
-                self.cached_timeout
-            } else {
-                self.fetch_timeout
-            })
-            .send()
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+            .header(NODE_HEADER, &self.node)
+            .send();
+        // Connecting and the first byte: a peer that accepts and never
+        // answers is given up on here.
+        let first_byte = if req.cached_only {
+            self.timeout
+        } else {
+            self.timeout + self.origin_budget
+        };
+        let resp = match tokio::time::timeout(first_byte, resp).await {
+            Ok(r) => r.map_err(|e| fail(e.to_string()))?,
+            Err(_) => return Err(fail(format!("no answer within {first_byte:?}"))),
+        };
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             // A miss, not a failure: the peer is fine.
             return Err(Error::NotFound(format!("{base}: {}", file.path)));
+        }
+        if resp.status() == reqwest::StatusCode::MISDIRECTED_REQUEST
+            && resp
+                .headers()
+                .get(NODE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                == Some(self.node.as_str())
+        {
+            return Err(Error::ToSelf(base.to_string()));
         }
         if !resp.status().is_success() {
             return Err(fail(format!("status {}", resp.status())));
@@ -89,7 +135,15 @@ impl PeerClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| u32::from_str_radix(v, 16).ok())
             .ok_or_else(|| fail("no crc32c header".into()))?;
-        let body = resp.bytes().await.map_err(|e| fail(e.to_string()))?;
+        let bound = self.body_bound(req.len);
+        let body = match tokio::time::timeout(bound, resp.bytes()).await {
+            Ok(b) => b.map_err(|e| fail(e.to_string()))?,
+            Err(_) => {
+                return Err(fail(format!(
+                    "the chunk did not arrive within {bound:?} (slower than 1 MiB/s)"
+                )))
+            }
+        };
         if body.len() as u64 != req.len || crc32c::crc32c(&body) != crc {
             return Err(Error::Corrupt {
                 path: format!("{} (from {base})", file.path),

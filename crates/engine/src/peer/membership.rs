@@ -3,7 +3,7 @@
 //! while). A DNS name that does not resolve yet is no error: a new headless
 //! Service has no records until its pods exist, so the node starts alone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +53,10 @@ pub struct Membership {
     /// This node's own address among the members, if it is one; found again
     /// whenever the members change.
     me: Mutex<Option<SocketAddr>>,
+    /// Member addresses whose requests came back to this node (refused with
+    /// its own id): this node too, however many there are. Kept across
+    /// membership changes, since this node keeps its addresses while it runs.
+    selves: Mutex<HashSet<SocketAddr>>,
     members: Mutex<Vec<SocketAddr>>,
     backoff: Mutex<HashMap<SocketAddr, Instant>>,
     backoff_for: Duration,
@@ -122,6 +126,7 @@ impl Membership {
             spec,
             listen,
             me: Mutex::new(me),
+            selves: Mutex::default(),
             members: Mutex::new(members),
             backoff: Mutex::default(),
             backoff_for: Duration::from_secs(10),
@@ -165,6 +170,19 @@ impl Membership {
 
     pub fn me(&self) -> Option<SocketAddr> {
         *self.me.lock()
+    }
+
+    /// Whether `addr` is this node: its own address as worked out from
+    /// `--listen`, or one a request of its own came back from.
+    pub fn is_me(&self, addr: SocketAddr) -> bool {
+        self.me() == Some(addr) || self.selves.lock().contains(&addr)
+    }
+
+    /// `addr` answered with this node's own id: it is this node.
+    pub fn mark_self(&self, addr: SocketAddr) {
+        if self.selves.lock().insert(addr) {
+            info!(%addr, "a peer address turned out to be this node's own");
+        }
     }
 
     /// Members not backed off, this node included.
@@ -249,5 +267,24 @@ mod tests {
         m.update(both.clone());
         assert_eq!(m.live(), both, "IPv4 and IPv6 members");
         assert_eq!(m.me(), Some(both[0]));
+    }
+
+    #[tokio::test]
+    async fn addresses_that_answered_with_this_nodes_id_are_its_own() {
+        let a: SocketAddr = "127.0.0.2:7070".parse().unwrap();
+        let b: SocketAddr = "127.0.0.3:7070".parse().unwrap();
+        let m = Membership::start(
+            PeerSpec::Static(vec![a.to_string(), b.to_string()]),
+            Some("0.0.0.0:7070".parse().unwrap()),
+        )
+        .await
+        .unwrap();
+        assert!(!m.is_me(a) && !m.is_me(b));
+        m.mark_self(a);
+        assert!(m.is_me(a) && !m.is_me(b));
+        // Still a member: every node ranks the same list, so owners agree.
+        assert_eq!(m.live(), vec![a, b]);
+        m.update(vec![a]);
+        assert!(m.is_me(a), "kept across membership changes");
     }
 }

@@ -7,20 +7,46 @@
 //! with `Authorization: Bearer <group token>`; the body is the chunk and
 //! `x-modelfs-crc32c` its checksum, which the reader verifies. With
 //! `cached_only=1` a node answers from its cache or 404, and fetches nothing.
+//! Each request carries `x-modelfs-node` (the sender's id); a server that
+//! receives its own id answers 421 at once and the sender treats that
+//! address as itself from then on.
 
 mod client;
 mod membership;
 mod rendezvous;
 mod server;
 mod tiers;
+mod tls;
 
 pub use client::{ChunkRequest, PeerClient};
 pub use membership::{Membership, PeerSpec};
 pub use rendezvous::{owner, ranked};
 pub use server::serve;
 pub use tiers::{ChunkAsker, PeerTier, WarmupTier};
+pub use tls::{TlsAcceptor, TlsFiles};
 
 pub const CRC_HEADER: &str = "x-modelfs-crc32c";
+/// The asking node's id, random per process: a request that reaches the
+/// node that sent it (a node that does not know which member address is its
+/// own) is refused at once instead of waiting on its own single-flight.
+pub const NODE_HEADER: &str = "x-modelfs-node";
+
+/// A random id for this node, fresh at every start.
+pub fn new_node_id() -> String {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // No entropy source: time and pid still tell two processes apart.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let seed = format!("{t}-{}", std::process::id());
+        b = xxhash_rust::xxh3::xxh3_128(seed.as_bytes()).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
 
 /// Reads the group token from a file (trailing whitespace dropped).
 pub fn read_token(path: &std::path::Path) -> crate::Result<String> {

@@ -4,24 +4,29 @@
 //! make the node cache anything but the source's current files.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
+use axum::extract::Request;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
-use tracing::debug;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
 
-use super::CRC_HEADER;
+use super::{CRC_HEADER, NODE_HEADER};
 use crate::stats::add;
 use crate::{Engine, Error, FileVersion};
 
 struct Server {
     engine: Arc<Engine>,
     token: String,
+    node: String,
 }
 
 #[derive(Deserialize)]
@@ -35,17 +40,97 @@ struct ChunkQuery {
     cached_only: u8,
 }
 
+/// Connections served at once; more are closed as soon as accepted. A
+/// node's peers keep a few pooled connections each, so this is room for a
+/// big group while descriptors stay far below the daemon's limit: idle or
+/// hostile connections must never starve the mount's own reads of fds.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Time for a request's headers, counted from when the server starts
+/// waiting for them: on a new connection and between keep-alive requests
+/// alike, so it also closes idle connections. Peers' pools drop idle
+/// connections sooner (see the client), so they rarely meet a closed one.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the peer protocol on `listener` until the runtime stops.
 pub async fn serve(
     engine: Arc<Engine>,
     listener: tokio::net::TcpListener,
     token: String,
+    node: String,
+    tls: Option<super::TlsAcceptor>,
 ) -> std::io::Result<()> {
+    let state = Arc::new(Server {
+        engine,
+        token,
+        node,
+    });
     let app = Router::new()
         .route("/v1/chunk", get(chunk))
         .route("/v1/health", get(health))
-        .with_state(Arc::new(Server { engine, token }));
-    axum::serve(listener, app).await
+        // The token before anything else, query parsing included.
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut refused: u64 = 0;
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors, most likely: wait rather than spin.
+                warn!("peer port: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            // Once per power of two, so a flood does not flood the log too.
+            if refused.is_power_of_two() {
+                warn!(%from, "peer port: {MAX_CONNECTIONS} connections open; closing new ones ({refused} so far)");
+            }
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => serve_connection(stream, svc, from).await,
+                // The handshake gets the header timeout too: a client that
+                // connects and says nothing gives its slot back as soon.
+                Some(tls) => match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)).await {
+                    Ok(Ok(s)) => serve_connection(s, svc, from).await,
+                    Ok(Err(e)) => debug!(%from, "peer TLS handshake: {e}"),
+                    Err(_) => debug!(%from, "peer TLS handshake timed out"),
+                },
+            }
+            drop(slot);
+        });
+    }
+}
+
+async fn serve_connection<I>(
+    io: I,
+    svc: hyper_util::service::TowerToHyperService<Router>,
+    from: std::net::SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    if let Err(e) = conn.await {
+        debug!(%from, "peer connection: {e}");
+    }
+}
+
+async fn require_token(State(s): State<Arc<Server>>, req: Request, next: Next) -> Response {
+    if !authorized(req.headers(), &s.token) {
+        return refuse(StatusCode::UNAUTHORIZED, "missing or wrong group token");
+    }
+    next.run(req).await
 }
 
 fn authorized(headers: &HeaderMap, token: &str) -> bool {
@@ -74,6 +159,17 @@ async fn chunk(
 ) -> Response {
     if !authorized(&headers, &s.token) {
         return refuse(StatusCode::UNAUTHORIZED, "missing or wrong group token");
+    }
+    // From this very node: answering would join the asker's own flight and
+    // both would wait until the timeout. Refused before any work, with the id
+    // so the asker knows the address is its own.
+    if headers.get(NODE_HEADER).and_then(|v| v.to_str().ok()) == Some(s.node.as_str()) {
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            [(NODE_HEADER, s.node.clone())],
+            "this request came from this node itself; that peer address is its own\n",
+        )
+            .into_response();
     }
     let Ok(Query(q)) = q else {
         return refuse(

@@ -55,7 +55,7 @@ impl ChunkAsker {
                 add(&self.stats.crc_failures, 1);
                 self.stats.peer(name, |c| c.crc_failures += 1);
             }
-            Err(Error::NotFound(_)) => {}
+            Err(Error::NotFound(_) | Error::ToSelf(_)) => {}
             Err(_) => self.stats.peer(name, |c| c.errors += 1),
         }
         r
@@ -70,6 +70,8 @@ fn failed(r: &Result<Bytes>) -> bool {
 /// Asks the chunk's owner among the live peers.
 pub struct PeerTier {
     pub membership: Arc<Membership>,
+    /// `http` or, between peers with TLS, `https`.
+    pub scheme: &'static str,
     pub asker: ChunkAsker,
 }
 
@@ -94,31 +96,45 @@ impl Tier for PeerTier {
             file.version
         );
         let ranked = ranked(key.as_bytes(), &self.membership.live());
-        let Some(&owner) = ranked.first() else {
-            return Err(Error::Unavailable("no live peers".into()));
-        };
-        // The owner fetches for the group. When this node is the owner, the
-        // next in rank may still hold a copy (a node joining a warm group):
-        // ask it for its cache only, so no request ever loops back here.
-        let (peer, cached_only) = if Some(owner) != self.membership.me() {
-            (owner, false)
-        } else if let Some(&second) = ranked.get(1) {
-            (second, true)
-        } else {
-            return Err(Error::Unavailable("this node owns the chunk".into()));
-        };
-        let name = peer.to_string();
-        let base = format!("http://{name}");
-        let t = Instant::now();
-        let r = self
-            .asker
-            .ask(&base, &name, file, index, range, cached_only)
-            .await;
-        record_fetch("peer", t, &r);
-        if failed(&r) {
-            self.membership.back_off(peer);
+        // Each pass either answers or learns that one more address is this
+        // node's own, so it ends within a pass per member.
+        for _ in 0..=ranked.len() {
+            let m = &self.membership;
+            let Some(&owner) = ranked.first() else {
+                return Err(Error::Unavailable("no live peers".into()));
+            };
+            // The owner fetches for the group. When this node is the owner,
+            // the next other node in rank may still hold a copy (a node
+            // joining a warm group): ask it for its cache only, so no request
+            // ever loops back here. Every node ranks the same members, this
+            // one under all its addresses, so all agree on the owner.
+            let (peer, cached_only) = if !m.is_me(owner) {
+                (owner, false)
+            } else if let Some(&other) = ranked.iter().find(|a| !m.is_me(**a)) {
+                (other, true)
+            } else {
+                return Err(Error::Unavailable("this node owns the chunk".into()));
+            };
+            let name = peer.to_string();
+            let base = format!("{}://{name}", self.scheme);
+            let t = Instant::now();
+            let r = self
+                .asker
+                .ask(&base, &name, file, index, range.clone(), cached_only)
+                .await;
+            record_fetch("peer", t, &r);
+            if let Err(Error::ToSelf(_)) = r {
+                m.mark_self(peer);
+                continue;
+            }
+            if failed(&r) {
+                m.back_off(peer);
+            }
+            return r;
         }
-        r
+        Err(Error::Unavailable(
+            "every peer address is this node's own".into(),
+        ))
     }
 }
 

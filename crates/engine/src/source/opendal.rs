@@ -21,6 +21,37 @@ pub struct OpendalSource {
 const ETAG: &str = "etag:";
 const MTIME: &str = "mtime:";
 
+/// The one notion of an object's version, from whatever a listing or a stat
+/// gave: the ETag when there is one, else the version id, else mtime and
+/// size. Listings and stats must agree, since peers, the warm-up service and
+/// If-Match all compare what one node listed with what another stat'ed: a
+/// versioned bucket's stat carries a version id that its listing lacks, so
+/// the ETag, which both carry, comes first. It is kept in its strong quoted
+/// form (`"abc"`), which If-Match wants; some listings (Azure) drop the
+/// quotes that their stats keep.
+fn version_of(
+    is_dir: bool,
+    etag: Option<&str>,
+    version_id: Option<&str>,
+    mtime: SystemTime,
+    len: u64,
+) -> String {
+    let etag = etag
+        .map(|e| e.trim().trim_start_matches("W/").trim_matches('"'))
+        .filter(|e| !e.is_empty());
+    match (etag, version_id) {
+        (Some(e), _) if !is_dir => format!("{ETAG}\"{e}\""),
+        (_, Some(v)) if !is_dir && !v.is_empty() => format!("version:{v}"),
+        _ => {
+            let ns = mtime
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            format!("{MTIME}{ns}:{len}")
+        }
+    }
+}
+
 impl OpendalSource {
     pub fn new(id: impl Into<String>, op: Operator) -> Self {
         let if_match = op.info().capability().read_with_if_match;
@@ -37,17 +68,7 @@ impl OpendalSource {
             .map(SystemTime::from)
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let is_dir = m.mode() == EntryMode::DIR;
-        let version = match (m.etag(), m.version()) {
-            (_, Some(v)) if !is_dir => format!("version:{v}"),
-            (Some(e), _) if !is_dir => format!("{ETAG}{e}"),
-            _ => {
-                let ns = mtime
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_nanos())
-                    .unwrap_or(0);
-                format!("{MTIME}{ns}:{}", m.content_length())
-            }
-        };
+        let version = version_of(is_dir, m.etag(), m.version(), mtime, m.content_length());
         ObjectMeta {
             is_dir,
             size: if is_dir { 0 } else { m.content_length() },
@@ -268,5 +289,47 @@ impl Source for OpendalSource {
             });
         }
         Ok(buf.to_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_and_a_stat_of_a_versioned_object_agree() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        // S3 ListObjectsV2: the ETag, no version id.
+        let listed = version_of(false, Some("\"9b2cf535f27731c9\""), None, t, 10);
+        // HeadObject on a versioned bucket: the same ETag and a version id.
+        let stated = version_of(
+            false,
+            Some("\"9b2cf535f27731c9\""),
+            Some("3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY"),
+            t,
+            10,
+        );
+        assert_eq!(listed, stated);
+        assert_eq!(listed, "etag:\"9b2cf535f27731c9\"");
+        // Azure lists the ETag unquoted and quotes it on a stat.
+        assert_eq!(
+            version_of(false, Some("0x8DC1A2B3C4D5E6F"), None, t, 10),
+            version_of(
+                false,
+                Some("\"0x8DC1A2B3C4D5E6F\""),
+                Some("2024-01-01"),
+                t,
+                10
+            )
+        );
+        // The ETag is what If-Match is sent with.
+        assert_eq!(listed.strip_prefix(ETAG), Some("\"9b2cf535f27731c9\""));
+        // No ETag at all: the version id, then mtime and size.
+        assert_eq!(version_of(false, None, Some("v1"), t, 10), "version:v1");
+        assert_eq!(
+            version_of(false, Some(""), None, t, 10),
+            "mtime:1700000000000000000:10"
+        );
+        assert!(version_of(true, Some("\"x\""), Some("v"), t, 0).starts_with(MTIME));
     }
 }

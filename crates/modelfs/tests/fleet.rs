@@ -1,0 +1,385 @@
+//! The peer group under cluster conditions: a node that does not know its
+//! own address, a hung owner, a flood of idle connections on the peer port.
+//! Every node listens on its own loopback address (127.0.0.N).
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn token_file(dir: &Path) -> PathBuf {
+    let p = dir.join("token");
+    std::fs::write(&p, "a-long-shared-group-token-for-tests\n").unwrap();
+    p
+}
+
+/// A child killed when dropped, so a stalled reader never outlives a failed
+/// test (and never holds the mount busy).
+struct Kid(Child);
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `cmp` of `want` against `got` through the mount, which must finish within
+/// `bound`; the time it took.
+fn cmp_within(want: &Path, got: &Path, bound: Duration) -> Duration {
+    let t = Instant::now();
+    let mut k = Kid(Command::new("cmp").arg(want).arg(got).spawn().unwrap());
+    loop {
+        if let Some(st) = k.0.try_wait().unwrap() {
+            assert!(st.success(), "{} read different bytes", got.display());
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < bound,
+            "reading {} took longer than {bound:?}",
+            got.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_node_whose_peer_list_names_itself_twice_reads_at_once() {
+    let w = Work::new();
+    let data = write_file(&w.src().join("model.bin"), 64 << 20, 9);
+    let token = token_file(w.dir.path());
+    let port = free_port();
+    let listen = format!("0.0.0.0:{port}");
+    // Both are this node: it listens on every address, and knows neither.
+    let peers = format!("127.0.0.2:{port},127.0.0.3:{port}");
+    let m = w.mount(&[
+        "--listen",
+        &listen,
+        "--peers",
+        &peers,
+        "--peer-timeout",
+        "2",
+        "--peer-token-file",
+        token.to_str().unwrap(),
+    ]);
+    let took = cmp_within(
+        &w.src().join("model.bin"),
+        &m.path("model.bin"),
+        Duration::from_secs(20),
+    );
+    let s = m.stats();
+    assert_eq!(
+        s["bytes_from_source"].as_u64(),
+        Some(data.len() as u64),
+        "{s}"
+    );
+    assert_eq!(s["bytes_from_peers"].as_u64(), Some(0), "{s}");
+    eprintln!("64 MiB through a node that names itself twice: {took:?}");
+}
+
+/// A peer that accepts connections and never answers (a stopped or wedged
+/// process: the kernel still accepts for it). Its sockets stay open for the
+/// life of the test process.
+fn hung_peer(ip: &str) -> String {
+    let l = TcpListener::bind(format!("{ip}:0")).unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for s in l.incoming().take(500) {
+            held.extend(s.ok());
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_hung_owner_costs_a_read_at_most_the_documented_bound() {
+    let w = Work::new();
+    write_file(&w.src().join("model.bin"), 32 << 20, 11);
+    let token = token_file(w.dir.path());
+    let hung = hung_peer("127.0.0.60");
+    let me = format!("127.0.0.61:{}", free_port());
+    let m = w.mount(&[
+        "--listen",
+        &me,
+        "--peers",
+        &format!("{me},{hung}"),
+        "--peer-timeout",
+        "2",
+        "--request-timeout",
+        "2",
+        "--retries",
+        "0",
+        "--peer-token-file",
+        token.to_str().unwrap(),
+    ]);
+    // The bound: 2 s + the origin's budget (2 s) to the first byte (the hung
+    // peer never sends one); the chunks it owns are then read from the
+    // origin, and it is backed off.
+    let took = cmp_within(
+        &w.src().join("model.bin"),
+        &m.path("model.bin"),
+        Duration::from_secs(2 + 2 + 6),
+    );
+    let s = m.stats();
+    assert_eq!(s["bytes_from_source"].as_u64(), Some(32 << 20), "{s}");
+    assert!(s["peers"][&hung]["errors"].as_u64().unwrap() >= 1, "{s}");
+    eprintln!("32 MiB past a hung owner: {took:?}");
+}
+
+fn fds(pid: u64) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn a_thousand_idle_connections_to_the_peer_port_do_not_stop_reads() {
+    // This process holds the thousand client ends.
+    let lim = libc::rlimit {
+        rlim_cur: 4096,
+        rlim_max: 4096,
+    };
+    // SAFETY: plain setrlimit on this process; a failure shows in connect.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    let w = Work::new();
+    write_file(&w.src().join("model.bin"), 32 << 20, 13);
+    let token = token_file(w.dir.path());
+    let me = format!("127.0.0.70:{}", free_port());
+    let m = w.mount(&[
+        "--listen",
+        &me,
+        "--peers",
+        &me,
+        "--peer-token-file",
+        token.to_str().unwrap(),
+    ]);
+    let pid = m.stat_u64("pid");
+    let base = fds(pid);
+    let addr: std::net::SocketAddr = me.parse().unwrap();
+    let started = Instant::now();
+    // No token, no request: idle connections, as a scanner or a leak makes.
+    let mut idle = vec![];
+    for _ in 0..1000 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            idle.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let during = fds(pid);
+    cmp_within(
+        &w.src().join("model.bin"),
+        &m.path("model.bin"),
+        Duration::from_secs(20),
+    );
+    assert_eq!(m.stat_u64("bytes_from_source"), 32 << 20);
+    assert!(
+        during <= base + 300,
+        "the daemon holds {during} descriptors with 1000 idle connections (from {base})"
+    );
+    // Idle connections are closed after the header timeout (10 s).
+    wait_until(
+        "the idle connections to be closed",
+        Duration::from_secs(20).saturating_sub(started.elapsed()) + Duration::from_secs(5),
+        || fds(pid) <= base + 10,
+    );
+    drop(idle);
+}
+
+/// A CA and one certificate it signed for 127.0.0.80-82, made with openssl
+/// in `dir`: (ca, cert, key).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |n: &str| dir.join(n);
+    let sh = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let s = |p: PathBuf| p.to_str().unwrap().to_string();
+    let (ca, ca_key, cert, key, csr, ext) = (
+        s(p("ca.pem")),
+        s(p("ca.key")),
+        s(p("node.pem")),
+        s(p("node.key")),
+        s(p("node.csr")),
+        s(p("ext.cnf")),
+    );
+    sh(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=modelfs test group CA",
+    ]);
+    sh(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+        "-subj",
+        "/CN=modelfs node",
+    ]);
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.80,IP:127.0.0.81,IP:127.0.0.82\n\
+         extendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        &cert,
+        "-days",
+        "2",
+        "-extfile",
+        &ext,
+    ]);
+    (p("ca.pem"), p("node.pem"), p("node.key"))
+}
+
+#[test]
+fn peers_talk_tls_with_the_groups_ca_and_refuse_plain_http() {
+    let src = Work::new();
+    let data = write_file(&src.src().join("model.bin"), 48 << 20, 17);
+    let token = token_file(src.dir.path());
+    let (ca, cert, key) = certificates(src.dir.path());
+    let port = free_port();
+    let addrs = [format!("127.0.0.80:{port}"), format!("127.0.0.81:{port}")];
+    let all = addrs.join(",");
+    let works: Vec<Work> = (0..2).map(|_| Work::new()).collect();
+    let mounts: Vec<Mount> = (0..2)
+        .map(|i| {
+            Mount::new(
+                src.src().to_str().unwrap(),
+                &works[i].mnt(),
+                works[i].cache.path(),
+                &[
+                    "--listen",
+                    &addrs[i],
+                    "--peers",
+                    &all,
+                    "--peer-token-file",
+                    token.to_str().unwrap(),
+                    "--peer-tls-cert",
+                    cert.to_str().unwrap(),
+                    "--peer-tls-key",
+                    key.to_str().unwrap(),
+                    "--peer-tls-ca",
+                    ca.to_str().unwrap(),
+                ],
+                &[],
+            )
+        })
+        .collect();
+    // Both nodes at once: each asks the other for the chunks it owns.
+    let kids: Vec<Kid> = mounts
+        .iter()
+        .map(|m| {
+            Kid(Command::new("cmp")
+                .arg(src.src().join("model.bin"))
+                .arg(m.path("model.bin"))
+                .spawn()
+                .unwrap())
+        })
+        .collect();
+    for mut k in kids {
+        assert!(k.0.wait().unwrap().success(), "a node read different bytes");
+    }
+    let origin: u64 = mounts.iter().map(|m| m.stat_u64("bytes_from_source")).sum();
+    let peers: u64 = mounts.iter().map(|m| m.stat_u64("bytes_from_peers")).sum();
+    assert!(peers > 0, "no chunk went between the peers over TLS");
+    assert!(
+        origin <= data.len() as u64 * 105 / 100,
+        "{origin} origin bytes for {}",
+        data.len()
+    );
+    for m in &mounts {
+        let s = m.stats();
+        let errors: u64 = s["peers"]
+            .as_object()
+            .map(|p| p.values().map(|v| v["errors"].as_u64().unwrap_or(0)).sum())
+            .unwrap_or(0);
+        assert_eq!(errors, 0, "{s}");
+    }
+    // Plain HTTP with the right token gets no chunk and no answer at all.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&addrs[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a-long-shared-group-token-for-tests\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut out = vec![];
+    let _ = s.read_to_end(&mut out);
+    assert!(
+        !String::from_utf8_lossy(&out).contains("200 OK"),
+        "plain http was served"
+    );
+    // A TLS client without a certificate of the group is refused (mTLS).
+    let no_cert = Command::new("curl")
+        .args(["-sk", "--max-time", "10", "-H"])
+        .arg("Authorization: Bearer a-long-shared-group-token-for-tests")
+        .arg(format!("https://{}/v1/health", addrs[0]))
+        .output();
+    if let Ok(o) = no_cert {
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains("ok"),
+            "a client without a certificate was served"
+        );
+    }
+    let with_cert = Command::new("curl")
+        .args(["-s", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("-H")
+        .arg("Authorization: Bearer a-long-shared-group-token-for-tests")
+        .arg(format!("https://{}/v1/health", addrs[0]))
+        .output();
+    if let Ok(o) = with_cert {
+        if o.status.code() != Some(127) {
+            assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n", "{o:?}");
+        }
+    }
+    drop(mounts);
+}
