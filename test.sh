@@ -16,6 +16,8 @@ apt_pkgs=()
 command -v fio >/dev/null || apt_pkgs+=(fio)
 command -v cmp >/dev/null || apt_pkgs+=(diffutils)
 command -v bindfs >/dev/null || apt_pkgs+=(bindfs)
+command -v openssl >/dev/null || apt_pkgs+=(openssl)
+command -v curl >/dev/null || apt_pkgs+=(curl)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   log "installing ${apt_pkgs[*]}"
   apt-get update -q >/dev/null
