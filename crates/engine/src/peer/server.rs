@@ -40,11 +40,24 @@ struct ChunkQuery {
     cached_only: u8,
 }
 
-/// Connections served at once; more are closed as soon as accepted. A
-/// node's peers keep a few pooled connections each, so this is room for a
-/// big group while descriptors stay far below the daemon's limit: idle or
-/// hostile connections must never starve the mount's own reads of fds.
-pub const MAX_CONNECTIONS: usize = 256;
+/// Connections served at once: a sixteenth of the daemon's descriptors,
+/// between 64 and 8192, so idle or hostile connections never starve the
+/// mount's own reads of fds. More wait in the kernel's listen backlog (no
+/// descriptor of ours) until one closes: refusing them would send a fleet's
+/// instances to the origin instead of the warm-up service.
+fn max_connections() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit into a struct we own.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        1024
+    };
+    (soft / 16).clamp(64, 8192)
+}
 /// Time for a request's headers, counted from when the server starts
 /// waiting for them: on a new connection and between keep-alive requests
 /// alike, so it also closes idle connections. Peers' pools drop idle
@@ -67,12 +80,15 @@ pub async fn serve(
     let app = Router::new()
         .route("/v1/chunk", get(chunk))
         .route("/v1/health", get(health))
-        // The token before anything else, query parsing included.
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // The token before anything else, query parsing and unknown paths
+        // included.
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut refused: u64 = 0;
+    let slots = Arc::new(Semaphore::new(max_connections()));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
         let (stream, from) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -81,15 +97,6 @@ pub async fn serve(
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refused += 1;
-            // Once per power of two, so a flood does not flood the log too.
-            if refused.is_power_of_two() {
-                warn!(%from, "peer port: {MAX_CONNECTIONS} connections open; closing new ones ({refused} so far)");
-            }
-            drop(stream);
-            continue;
         };
         let _ = stream.set_nodelay(true);
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
@@ -128,7 +135,7 @@ async fn serve_connection<I>(
 
 async fn require_token(State(s): State<Arc<Server>>, req: Request, next: Next) -> Response {
     if !authorized(req.headers(), &s.token) {
-        return refuse(StatusCode::UNAUTHORIZED, "missing or wrong group token");
+        return unauthorized();
     }
     next.run(req).await
 }
@@ -145,9 +152,20 @@ fn refuse(code: StatusCode, why: &str) -> Response {
     (code, format!("{why}\n")).into_response()
 }
 
+/// Closes the connection too: a client without the token gets one small
+/// reply, not a keep-alive slot to pipeline requests into.
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(axum::http::header::CONNECTION, "close")],
+        "missing or wrong group token\n",
+    )
+        .into_response()
+}
+
 async fn health(State(s): State<Arc<Server>>, headers: HeaderMap) -> Response {
     if !authorized(&headers, &s.token) {
-        return refuse(StatusCode::UNAUTHORIZED, "missing or wrong group token");
+        return unauthorized();
     }
     "ok\n".into_response()
 }
@@ -158,7 +176,7 @@ async fn chunk(
     q: Result<Query<ChunkQuery>, QueryRejection>,
 ) -> Response {
     if !authorized(&headers, &s.token) {
-        return refuse(StatusCode::UNAUTHORIZED, "missing or wrong group token");
+        return unauthorized();
     }
     // From this very node: answering would join the asker's own flight and
     // both would wait until the timeout. Refused before any work, with the id

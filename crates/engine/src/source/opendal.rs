@@ -16,6 +16,9 @@ pub struct OpendalSource {
     /// Whether ranged reads can carry If-Match on the ETag, so a replaced
     /// object fails the read instead of returning new bytes.
     if_match: bool,
+    /// The service's own form of an ETag in If-Match: GCS's JSON API gives
+    /// and compares them without quotes.
+    quoted_if_match: bool,
 }
 
 const ETAG: &str = "etag:";
@@ -36,8 +39,12 @@ fn version_of(
     mtime: SystemTime,
     len: u64,
 ) -> String {
+    // A weak ETag never passes a strong If-Match: such an object is
+    // versioned by what follows, and checked by a stat after each read.
     let etag = etag
-        .map(|e| e.trim().trim_start_matches("W/").trim_matches('"'))
+        .map(str::trim)
+        .filter(|e| !e.starts_with("W/"))
+        .map(|e| e.trim_matches('"'))
         .filter(|e| !e.is_empty());
     match (etag, version_id) {
         (Some(e), _) if !is_dir => format!("{ETAG}\"{e}\""),
@@ -55,10 +62,12 @@ fn version_of(
 impl OpendalSource {
     pub fn new(id: impl Into<String>, op: Operator) -> Self {
         let if_match = op.info().capability().read_with_if_match;
+        let quoted_if_match = op.info().scheme() != "gcs";
         OpendalSource {
             id: id.into(),
             op,
             if_match,
+            quoted_if_match,
         }
     }
 
@@ -249,7 +258,11 @@ impl Source for OpendalSource {
         let etag = file.version.strip_prefix(ETAG).filter(|_| self.if_match);
         let mut req = self.op.read_with(&file.path).range(range.clone());
         if let Some(etag) = etag {
-            req = req.if_match(etag);
+            req = req.if_match(if self.quoted_if_match {
+                etag
+            } else {
+                etag.trim_matches('"')
+            });
         }
         let buf = req.await.map_err(|e| match e.kind() {
             ErrorKind::ConditionNotMatch => Error::VersionChanged {
@@ -324,6 +337,11 @@ mod tests {
         );
         // The ETag is what If-Match is sent with.
         assert_eq!(listed.strip_prefix(ETAG), Some("\"9b2cf535f27731c9\""));
+        // A weak ETag is no version for If-Match: mtime and size instead.
+        assert_eq!(
+            version_of(false, Some("W/\"9b2c\""), None, t, 10),
+            "mtime:1700000000000000000:10"
+        );
         // No ETag at all: the version id, then mtime and size.
         assert_eq!(version_of(false, None, Some("v1"), t, 10), "version:v1");
         assert_eq!(
