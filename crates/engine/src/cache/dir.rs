@@ -135,8 +135,16 @@ impl CacheDir {
                 "cannot hold its lock file .lock ({e}); remove that file or pass another --cache-dir"
             ))
         })?;
+        // A process that is exiting, or a child forked between its open and
+        // its exec, may hold the lock a moment longer: wait up to 2 s.
         // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let take = || unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        let held = take()
+            || (0..20).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                take()
+            });
+        if !held {
             let mut pid = vec![0u8; 32];
             let n = lock.read_at(&mut pid, 0).unwrap_or(0);
             return Err(Error::Config(format!(
