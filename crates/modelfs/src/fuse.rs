@@ -317,7 +317,9 @@ impl Filesystem for ModelFs {
             let Some(h) = inner.handles.lock().get(&fh.0).cloned() else {
                 return reply.error(Errno::EBADF);
             };
+            let started = std::time::Instant::now();
             let result = inner.engine.read(&h.open, offset, size as u64).await;
+            metrics::histogram!("modelfs_read_duration_seconds").record(started.elapsed());
             match result {
                 Ok(b) => reply.data(&b),
                 // The engine logged the path and cause; readers see EIO.

@@ -143,6 +143,11 @@ fn describe() {
         Unit::Seconds,
         "Time to get one missed chunk from a tier: peer, warmup or source"
     );
+    describe_histogram!(
+        "modelfs_read_duration_seconds",
+        Unit::Seconds,
+        "Time to answer one FUSE read that reached modelfs (page-cache and passthrough reads never do)"
+    );
 }
 
 /// The engine's counters, under names that follow Prometheus conventions:

@@ -42,6 +42,8 @@ fn metrics_follow_prometheus_conventions() {
         );
     }
     assert!(text.contains("# TYPE modelfs_fetch_duration_seconds histogram"));
+    assert!(text.contains("# TYPE modelfs_read_duration_seconds histogram"));
+    assert!(text.contains("modelfs_read_duration_seconds_count"));
     assert!(text.contains("modelfs_fetch_duration_seconds_bucket{tier=\"source\",le=\"0.001\"}"));
     assert!(text.contains("modelfs_preload_complete 1"), "{text}");
     let mut families = 0;
