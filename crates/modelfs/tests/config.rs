@@ -201,14 +201,6 @@ impl Drop for Run {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn run_mounts_two_models_with_a_warmup_service_and_stops_on_sigterm() {
     let w = Work::new();

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,14 +24,6 @@ impl Drop for HostsGuard {
     fn drop(&mut self) {
         std::fs::write("/etc/hosts", &self.0).unwrap();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn node(w: &Work, name: &str, listen: &str, peers: &str, token: &Path, log: &Path) -> Mount {

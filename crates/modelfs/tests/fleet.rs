@@ -10,20 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn token_file(dir: &Path) -> PathBuf {
-    let p = dir.join("token");
-    std::fs::write(&p, "a-long-shared-group-token-for-tests\n").unwrap();
-    p
-}
-
 /// A child killed when dropped, so a stalled reader never outlives a failed
 /// test (and never holds the mount busy).
 struct Kid(Child);

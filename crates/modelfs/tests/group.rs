@@ -4,32 +4,17 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use common::s3::{garage, spawn_for_process};
 use common::*;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A node: its own mount point and cache, serving chunks on 127.0.0.N.
 /// Fields drop in order: the mount goes before its directories.
 struct Node {
     mount: Option<Mount>,
     _work: Work,
-}
-
-fn token_file(dir: &std::path::Path) -> PathBuf {
-    let p = dir.join("token");
-    std::fs::write(&p, "a-long-shared-group-token-for-tests\n").unwrap();
-    p
 }
 
 fn node(

@@ -13,12 +13,7 @@ use std::time::Duration;
 use common::*;
 
 fn free_addr() -> String {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
+    format!("127.0.0.1:{}", free_port())
 }
 
 /// GET `path` from `addr`: the status code and the body.

@@ -138,6 +138,22 @@ pub fn is_mounted(mp: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap()))
 }
 
+/// A loopback port free a moment ago, for a daemon's --listen.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A peer-group token file in `dir`.
+pub fn token_file(dir: &Path) -> PathBuf {
+    let p = dir.join("token");
+    std::fs::write(&p, "a-long-shared-group-token-for-tests\n").unwrap();
+    p
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
