@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::TryFutureExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error};
 
 use crate::cache::{CacheConfig, CacheFile, ChunkStore, Mode, Reserve, WholeFilePin};
@@ -28,6 +30,10 @@ pub struct EngineConfig {
     /// cache): what prefetch may fetch that a reader never asks for.
     pub prefetch_window: u64,
     pub listing_ttl: Duration,
+    /// Bytes fetched from tiers and not yet stored, at most (at least one
+    /// chunk): with the chunk buffers kept for reuse, what bounds the
+    /// memory the read path holds, whatever the model's size.
+    pub max_inflight: u64,
 }
 
 pub struct Engine {
@@ -37,6 +43,8 @@ pub struct Engine {
     tiers: Vec<Arc<dyn Tier>>,
     flights: SingleFlight<(u128, u64), Got>,
     prefetcher: Prefetcher,
+    /// Bytes of the `max_inflight` budget, taken before a tier is asked.
+    inflight: Arc<Semaphore>,
     stats: Arc<Stats>,
     cfg: EngineConfig,
 }
@@ -98,7 +106,13 @@ impl Engine {
         )?;
         let mut tiers = tiers(&stats);
         tiers.push(Arc::new(OriginTier(source.clone())));
+        let inflight = cfg
+            .max_inflight
+            .max(cfg.chunk_size)
+            .min(Semaphore::MAX_PERMITS as u64);
+        crate::buf::keep_idle(inflight as usize);
         Ok(Arc::new(Engine {
+            inflight: Arc::new(Semaphore::new(inflight as usize)),
             namespace: Namespace::new(source.clone(), cfg.listing_ttl),
             source,
             store,
@@ -161,10 +175,20 @@ impl Engine {
             return Ok(Bytes::new());
         }
         let cs = self.cfg.chunk_size;
-        let parts = futures::future::try_join_all((offset / cs..=(end - 1) / cs).map(|i| {
+        let chunks = offset / cs..=(end - 1) / cs;
+        let several = chunks.start() != chunks.end();
+        let parts = futures::future::try_join_all(chunks.map(|i| {
             let base = i * cs;
             let rel = offset.max(base) - base..end.min(base + cs) - base;
-            self.read_chunk(&h.cf, i, rel)
+            // A piece of a fetched chunk holds the in-flight budget: one part
+            // must not keep it while another part waits for it.
+            self.read_chunk(&h.cf, i, rel).map_ok(move |b| {
+                if several {
+                    Bytes::copy_from_slice(&b)
+                } else {
+                    b
+                }
+            })
         }))
         .await
         .inspect_err(|e| {
@@ -206,10 +230,11 @@ impl Engine {
             Got::NoRoom(_) => {
                 let base = cf.chunk_range(i).start;
                 let range = base + rel.start..base + rel.end;
+                let budget = self.budget(range.end - range.start).await?;
                 let b = self.fetch_from_tiers(&cf.file, i, range, true).await?;
                 add(&self.stats.reads_uncached, 1);
                 add(&self.stats.bytes_uncached, b.len() as u64);
-                Ok(b)
+                Ok(held(b, budget))
             }
         }
     }
@@ -240,12 +265,13 @@ impl Engine {
     }
 
     async fn fetch_uncached(&self, cf: &CacheFile, i: u64) -> Result<Got> {
+        let budget = self.budget(cf.chunk_len(i)).await?;
         let b = self
             .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), false)
             .await?;
         add(&self.stats.reads_uncached, 1);
         add(&self.stats.bytes_uncached, b.len() as u64);
-        Ok(Got::Bytes(b))
+        Ok(Got::Bytes(held(b, budget)))
     }
 
     async fn flight(self: &Arc<Self>, cf: &Arc<CacheFile>, i: u64, want: Want) -> Result<Got> {
@@ -264,15 +290,34 @@ impl Engine {
                     Reserve::Room(r) => Some(r),
                     Reserve::Busy | Reserve::NoRoom => return Ok(Got::NoRoom(want)),
                 };
+                let budget = engine.budget(cf.chunk_len(i)).await?;
                 let bytes = engine
                     .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), want == Want::Peer)
                     .await?;
                 if let Some(r) = room {
                     engine.store.commit(r, &bytes);
                 }
-                Ok(Got::Bytes(bytes))
+                Ok(Got::Bytes(held(bytes, budget)))
             })
             .await
+    }
+
+    fn inflight_limit(&self) -> u64 {
+        self.cfg
+            .max_inflight
+            .max(self.cfg.chunk_size)
+            .min(Semaphore::MAX_PERMITS as u64)
+    }
+
+    /// `len` bytes of the in-flight budget, held until the last piece of
+    /// what was fetched with it is dropped (see [`held`]).
+    async fn budget(&self, len: u64) -> Result<OwnedSemaphorePermit> {
+        let len = len.min(self.inflight_limit()).min(u32::MAX as u64);
+        self.inflight
+            .clone()
+            .acquire_many_owned(len as u32)
+            .await
+            .map_err(|_| Error::Cache("the in-flight budget is closed".into()))
     }
 
     /// Bytes `range` of `file` (within chunk `index`) from the first tier
@@ -403,4 +448,23 @@ impl Engine {
         s.pid = std::process::id();
         s
     }
+}
+
+/// `b`, holding `budget` until its last clone or slice is dropped: the
+/// in-flight bound then covers a fetched chunk until every reader of it
+/// has had its reply, without copying the piece each reader asked for.
+fn held(b: Bytes, budget: OwnedSemaphorePermit) -> Bytes {
+    struct Held {
+        bytes: Bytes,
+        _budget: OwnedSemaphorePermit,
+    }
+    impl AsRef<[u8]> for Held {
+        fn as_ref(&self) -> &[u8] {
+            &self.bytes
+        }
+    }
+    Bytes::from_owner(Held {
+        bytes: b,
+        _budget: budget,
+    })
 }

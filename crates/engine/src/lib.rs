@@ -3,6 +3,7 @@
 //! It knows nothing of FUSE: the mount is one front end over [`Engine`], a
 //! warm-up server can be another.
 
+pub mod buf;
 pub mod cache;
 pub mod engine;
 pub mod error;

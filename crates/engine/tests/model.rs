@@ -127,6 +127,7 @@ fn engine(source: &Arc<MemSource>, dir: &Path) -> Arc<Engine> {
             prefetch_concurrency: 2,
             prefetch_window: 2 * CS,
             listing_ttl: Duration::from_secs(60),
+            max_inflight: CS,
         },
         |_| vec![],
     )
@@ -214,6 +215,7 @@ fn run(ops: Vec<Op>) {
                             prefetch_concurrency: 2,
                             prefetch_window: 2 * CS,
                             listing_ttl: Duration::from_secs(60),
+                            max_inflight: CS,
                         },
                         |_| vec![],
                     ) {

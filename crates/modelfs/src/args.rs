@@ -28,6 +28,10 @@ pub struct CacheArgs {
     /// the cache): what prefetch may fetch that no reader asks for
     #[arg(long, default_value = "1GiB")]
     pub prefetch_window: ByteSize,
+    /// Most bytes fetched and not yet in the cache (at least one chunk): the
+    /// daemon's memory is about 64MiB plus this, whatever the model's size
+    #[arg(long, default_value = "64MiB")]
+    pub max_inflight: ByteSize,
 }
 
 impl CacheArgs {
@@ -47,6 +51,7 @@ impl CacheArgs {
             prefetch_concurrency,
             prefetch_window: self.prefetch_window.0,
             listing_ttl: secs(self.listing_ttl, "--listing-ttl")?,
+            max_inflight: self.max_inflight.0,
         })
     }
 }

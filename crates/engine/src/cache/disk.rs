@@ -68,8 +68,8 @@ impl Files {
     }
 
     pub fn read(&self, offset: u64, len: u64) -> io::Result<Bytes> {
-        let mut buf = vec![0u8; len as usize];
-        self.data.read_exact_at(&mut buf, offset)?;
+        let mut buf = Vec::new();
+        crate::buf::pread_into(&self.data, &mut buf, len as usize, offset)?;
         Ok(Bytes::from(buf))
     }
 

@@ -1,0 +1,136 @@
+//! Chunk buffers on their way from a tier to the cache, reused: a fresh
+//! buffer costs a page fault per 4 KiB the first time it is written, which
+//! for 8 MiB chunks is as much CPU as copying the chunk. Bytes are read into
+//! a buffer's spare capacity, never zero-filled first.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+/// Idle buffers kept for reuse, and their total capacity.
+static IDLE: Mutex<(Vec<Vec<u8>>, usize)> = Mutex::new((Vec::new(), 0));
+/// Most idle bytes kept; what the engine may have in flight, so the pool
+/// never holds more than one load's worth of buffers.
+static IDLE_LIMIT: AtomicUsize = AtomicUsize::new(0);
+
+/// Keeps up to `bytes` of idle buffers (the largest asked of any engine).
+pub fn keep_idle(bytes: usize) {
+    IDLE_LIMIT.fetch_max(bytes, Ordering::Relaxed);
+}
+
+/// An empty buffer of at least `cap` bytes' capacity.
+pub fn take(cap: usize) -> Vec<u8> {
+    let mut idle = IDLE.lock();
+    if let Some(at) = idle.0.iter().position(|v| v.capacity() >= cap) {
+        let v = idle.0.swap_remove(at);
+        idle.1 -= v.capacity();
+        return v;
+    }
+    drop(idle);
+    Vec::with_capacity(cap)
+}
+
+/// `v` as Bytes that give the buffer back for reuse when the last clone goes.
+pub fn freeze(v: Vec<u8>) -> Bytes {
+    Bytes::from_owner(Recycled(v))
+}
+
+struct Recycled(Vec<u8>);
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        let mut v = std::mem::take(&mut self.0);
+        v.clear();
+        let mut idle = IDLE.lock();
+        if idle.1 + v.capacity() <= IDLE_LIMIT.load(Ordering::Relaxed) {
+            idle.1 += v.capacity();
+            idle.0.push(v);
+        }
+    }
+}
+
+/// Appends exactly `len` bytes of `file` at `offset` to `buf`, reading into
+/// its spare capacity. A file shorter than that is an `UnexpectedEof`.
+pub fn pread_into(file: &File, buf: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
+    buf.reserve(len);
+    let mut done = 0;
+    while done < len {
+        let spare = &mut buf.spare_capacity_mut()[..len - done];
+        // SAFETY: the kernel writes at most `spare.len()` bytes into memory
+        // we own and may write; they are counted as initialised only below,
+        // for as many as it says it wrote.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{done} of {len} bytes at {offset}: the file ends there"),
+                ))
+            }
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            n => {
+                // SAFETY: the kernel initialised these `n` bytes.
+                unsafe { buf.set_len(buf.len() + n as usize) };
+                done += n as usize;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn pread_into_appends_exactly_the_range_and_reports_a_short_file() {
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + 3) as u8).collect();
+        f.write_all(&data).unwrap();
+        let mut buf = b"ab".to_vec();
+        pread_into(&f, &mut buf, 5000, 4093).unwrap();
+        assert_eq!(&buf[..2], b"ab");
+        assert_eq!(&buf[2..], &data[4093..9093]);
+        let mut buf = take(4096);
+        let e = pread_into(&f, &mut buf, 4096, 8000).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_recycled_buffer_comes_back_empty() {
+        keep_idle(1 << 20);
+        let mut v = take(1 << 16);
+        v.extend_from_slice(&[7; 1 << 16]);
+        let b = freeze(v);
+        let c = b.slice(10..20);
+        drop(b);
+        assert_eq!(&c[..], &[7; 10]);
+        drop(c);
+        let v = take(1 << 16);
+        assert!(v.is_empty() && v.capacity() >= 1 << 16);
+    }
+}
