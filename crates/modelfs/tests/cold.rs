@@ -7,17 +7,37 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
 
 use common::*;
 
 /// Eight threads of random preads (up to three chunks long, across chunk
 /// boundaries and past the end) over `files`, each checked against `src`.
+/// Readers that wait on each other for the budget would never finish: that
+/// is reported as a failure rather than left to hang the test run.
 fn unaligned_readers(mnt: &Path, src: &Path, files: &[&str]) {
     let wants: Vec<Vec<u8>> = files
         .iter()
         .map(|n| std::fs::read(src.join(n)).unwrap())
         .collect();
-    let wants = &wants;
+    let (mnt, files) = (
+        mnt.to_path_buf(),
+        files.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
+    );
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        readers(&mnt, &wants, &files);
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(Duration::from_secs(300)) {
+        Ok(()) => {}
+        Err(RecvTimeoutError::Timeout) => panic!("readers still waiting after 300 s: a deadlock"),
+        Err(RecvTimeoutError::Disconnected) => panic!("a reader failed (see above)"),
+    }
+}
+
+fn readers(mnt: &Path, wants: &[Vec<u8>], files: &[String]) {
     std::thread::scope(|s| {
         for t in 0..8u64 {
             s.spawn(move || {
@@ -27,7 +47,7 @@ fn unaligned_readers(mnt: &Path, src: &Path, files: &[&str]) {
                         .wrapping_mul(6364136223846793005)
                         .wrapping_add(1442695040888963407);
                     let which = (x >> 60) as usize % files.len();
-                    let (name, want) = (files[which], &wants[which]);
+                    let (name, want) = (&files[which], &wants[which]);
                     let off = (x >> 16) % (want.len() as u64 + 4096);
                     let len = ((x >> 4) % (3 << 20)) as usize + 1;
                     let got = pread(&mnt.join(name), off, len).unwrap();

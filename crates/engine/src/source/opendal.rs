@@ -80,7 +80,12 @@ impl OpendalSource {
     }
 
     /// Bytes `range` of a local file, with one pread into a reused buffer.
-    async fn read_local(&self, root: &Path, file: &FileVersion, range: Range<u64>) -> Result<Bytes> {
+    async fn read_local(
+        &self,
+        root: &Path,
+        file: &FileVersion,
+        range: Range<u64>,
+    ) -> Result<Bytes> {
         let path = root.join(&file.path);
         let len = (range.end - range.start) as usize;
         let read = tokio::task::spawn_blocking(move || {
