@@ -6,7 +6,8 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -22,8 +23,44 @@ pub fn keep_idle(bytes: usize) {
     IDLE_LIMIT.fetch_max(bytes, Ordering::Relaxed);
 }
 
+/// Buffers taken so far: the trimmer frees the idle ones once this stops
+/// moving.
+static TAKEN: AtomicU64 = AtomicU64::new(0);
+static TRIMMER: AtomicBool = AtomicBool::new(false);
+const TRIM_AFTER: Duration = Duration::from_secs(10);
+
+/// Once nothing has been fetched for a while, gives the idle buffers and
+/// what the allocator kept of freed ones back to the system: a loaded model
+/// should not leave the inference server's host a load's worth poorer.
+fn start_trimmer() {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if TRIMMER.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    rt.spawn(async {
+        let (mut seen, mut trimmed) = (TAKEN.load(Ordering::Relaxed), false);
+        loop {
+            tokio::time::sleep(TRIM_AFTER).await;
+            let now = TAKEN.load(Ordering::Relaxed);
+            if now != seen {
+                (seen, trimmed) = (now, false);
+            } else if !trimmed {
+                drop(std::mem::take(&mut *IDLE.lock()));
+                // SAFETY: glibc's malloc_trim only returns free memory of
+                // its arenas to the system.
+                unsafe { libc::malloc_trim(0) };
+                trimmed = true;
+            }
+        }
+    });
+}
+
 /// An empty buffer of at least `cap` bytes' capacity.
 pub fn take(cap: usize) -> Vec<u8> {
+    TAKEN.fetch_add(1, Ordering::Relaxed);
+    start_trimmer();
     let mut idle = IDLE.lock();
     if let Some(at) = idle.0.iter().position(|v| v.capacity() >= cap) {
         let v = idle.0.swap_remove(at);
