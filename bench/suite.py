@@ -832,10 +832,20 @@ def report(res, out):
     return "\n".join(md)
 
 
+# The keys --only accepts, in the order they run.
+SCENARIOS = ["0_local_dir", "1_2_cold_warm", "3_lazy_mmap", "4_multiprocess", "5_switching", "9_pressure", "7_real_model",
+             "6_scale_out", "8_fleet", "10_callgrind", "11_demo"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
+    ap.add_argument("--only", help="comma-separated scenario keys (as in results.json, e.g. 0_local_dir,10_callgrind): "
+                                   "run just these")
     a = ap.parse_args()
+    only = set(a.only.split(",")) if a.only else None
+    if only and only - set(SCENARIOS):
+        sys.exit(f"bench/suite.py: unknown scenario {sorted(only - set(SCENARIOS))} in --only; pick from {SCENARIOS}")
     quick = a.quick
     size = 256 * MIB if quick else 2 * GIB
     date = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
@@ -867,6 +877,8 @@ def main():
             ("11_demo", lambda: scenario_demo(size if quick else GIB)),
         ]
         for key, fn in steps:
+            if only and key not in only:
+                continue
             t = time.time()
             try:
                 res["scenarios"][key] = fn()
