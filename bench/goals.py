@@ -72,6 +72,24 @@ def daemon_rows(s):
     return out
 
 
+def plot_daemon(res, out, plt):
+    """daemon.png: cold CPU-s/GiB and peak RSS per system; returns its name or None."""
+    rows = [r for r in daemon_rows(res["scenarios"]) if "cold_cpu_s_per_GiB" in r]
+    if not rows:
+        return None
+    names = [f"{r['system'].split(' over ')[0]}\n({r['source']})" for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.bar(names, [r["cold_cpu_s_per_GiB"] for r in rows])
+    a.set_ylabel("daemon CPU-s per GiB, cold")
+    b.bar(names, [r["cold_peak_rss_MiB"] for r in rows])
+    b.set_ylabel("daemon peak RSS, MiB, cold")
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{out}/daemon.png")
+    return "daemon.png"
+
+
 def callgrind_lines(cg, table):
     if cg is None or "error" in cg:
         return [f"Did not run: {cg.get('error') if cg else 'skipped'}", ""]

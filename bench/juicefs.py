@@ -35,6 +35,7 @@ class Volume:
             garage = [shutil.which("garage") or os.path.expanduser("~/.cargo/bin/garage"),
                       "-c", os.path.join(garage_dir, "garage.toml")]
             _run(garage + ["bucket", "create", BUCKET], env)
+            # modelfs-test: the key scripts/garage.sh imports for the models bucket.
             _run(garage + ["bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "modelfs-test"], env)
             _run(["juicefs", "format", "--storage", "s3", "--bucket", f"{s3['S3_ENDPOINT']}/{BUCKET}",
                   "--access-key", s3["AWS_ACCESS_KEY_ID"], "--secret-key", s3["AWS_SECRET_ACCESS_KEY"],

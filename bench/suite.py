@@ -743,6 +743,8 @@ def plots(res, out):
         fig.tight_layout()
         fig.savefig(os.path.join(out, "cold.png"))
         made.append("cold.png")
+    if daemon := goals.plot_daemon(res, out, plt):
+        made.append(daemon)
     so = res["scenarios"].get("6_scale_out", {}).get("rows")
     if so:
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4))
