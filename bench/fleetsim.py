@@ -51,7 +51,7 @@ class Params:
     origin_bps: float = 100e9
     get_bps: float = 1e9  # per origin GET; math.inf for none
     concurrency: int = 16
-    protocol: str = "old"  # "old" or "new"
+    protocol: str = "old"  # "old", "new", or "none" (no peers: every node reads the origin)
     load_bound: int = 4  # new: an owner with more uploads than this redirects
     holders_kept: int = 8  # new: holders an owner remembers per chunk
     holders_sent: int = 4  # new: holders in one redirect
@@ -129,7 +129,7 @@ class Sim:
         self.pos = [list(self.file_start) for _ in range(n)]
         self.uploads = [0] * n
         self.uploaded = [0] * n
-        self.fetching = {}  # chunk -> requesters waiting for its owner's origin fetch
+        self.fetching = {}  # (owner, chunk) -> requesters waiting for the owner's origin fetch
         self.holders = {}  # chunk -> nodes its owner served it to, newest last
         self.origin_bytes = 0
         self.redirects = 0
@@ -148,7 +148,7 @@ class Sim:
         per_file = []
         for f in range(p.files):
             a, b = self.file_start[f], self.file_end[f]
-            if p.protocol == "old":
+            if p.protocol != "new":
                 per_file.append(list(range(a, b)))
                 continue
             own = [c for c in range(a, b) if self.owner[c] == node]
@@ -168,19 +168,21 @@ class Sim:
         if prefetch:
             self.busy[node] += 1
             self.pf_inflight[node] += 1
-        o = self.owner[c]
+        # Without peers every node is the owner of every chunk it reads.
+        o = node if self.p.protocol == "none" else self.owner[c]
+        key = (o, c)
         if o == node:
-            if c not in self.fetching:
-                self.fetching[c] = []
+            if key not in self.fetching:
+                self.fetching[key] = []
                 self.new.append((ORIGIN, c, -1, node, 0))
-            self.fetching[c].append((node, prefetch))
+            self.fetching[key].append((node, prefetch))
             return
         if self.has[o][c]:
             self.serve(o, node, c, prefetch)
-        elif c in self.fetching:
-            self.fetching[c].append((node, prefetch))
+        elif key in self.fetching:
+            self.fetching[key].append((node, prefetch))
         else:
-            self.fetching[c] = [(node, prefetch)]
+            self.fetching[key] = [(node, prefetch)]
             self.new.append((ORIGIN, c, -1, o, False))
 
     def serve(self, o, node, c, prefetch):
@@ -247,7 +249,7 @@ class Sim:
     def finish(self, kind, c, sender, receiver, prefetch, t):
         if kind == ORIGIN:
             self.origin_bytes += self.size[c]
-            waiters = self.fetching.pop(c)
+            waiters = self.fetching.pop((receiver, c))
             if all(node != receiver for node, _ in waiters):
                 self.hold(receiver, c, t)
             for node, pf in waiters:
@@ -331,7 +333,9 @@ def bound(p: Params):
     origin; a single node's origin GETs."""
     m = p.model_bytes * 8
     b = max(m / p.down_bps, m / p.origin_bps, p.nodes * m / (p.nodes * p.up_bps + p.origin_bps))
-    if p.nodes == 1:
+    if p.protocol == "none":
+        b = max(b, p.nodes * m / p.origin_bps)
+    if p.nodes == 1 or p.protocol == "none":
         b = max(b, m / min(p.origin_bps, p.concurrency * p.get_bps))
     return round(b, 2)
 
@@ -367,7 +371,7 @@ def size(text):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", default="1 1000", help="node counts, space-separated")
-    ap.add_argument("--protocol", default="old new", help="old, new or both")
+    ap.add_argument("--protocol", default="old new", help="old, new, none (no peers), space-separated")
     ap.add_argument("--model", default="62GB")
     ap.add_argument("--files", type=int, default=1)
     ap.add_argument("--chunk", default="8MiB")

@@ -106,6 +106,12 @@ def test_two_nodes_fetch_the_origin_once():
         assert r["seconds"] >= r["bound_s"]
 
 
+def test_without_peers_every_node_reads_the_origin():
+    # 4 nodes share a 1 GB/s origin for 4 GB: 4 s, origin bytes 4x the model.
+    r = one(nodes=4, model_bytes=10**9, protocol="none", get_bps=INF, origin_bps=8e9, down_bps=1e12)
+    assert math.isclose(r["seconds"], 4.0, rel_tol=0.01) and r["origin_per_model"] == 4.0, r
+
+
 def test_issue_single_node_figure():
     # The issue: 62 GB, 16 GETs of 1 Gbit/s: 31 s at N = 1.
     r = one(nodes=1)
