@@ -32,7 +32,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,7 +54,6 @@ class Params:
     protocol: str = "old"  # "old", "new", or "none" (no peers: every node reads the origin)
     load_bound: int = 4  # new: an owner with more uploads than this redirects
     holders_kept: int = 8  # new: holders an owner remembers per chunk
-    holders_sent: int = 4  # new: holders in one redirect
     window_bytes: float = math.inf  # prefetched and unread at most; inf = warm/preload
     reader: bool = True  # a fast reader per file, whose misses jump the queue
     unfairness: float = 0.0  # a flow's weight is uniform in 1 +- this (TCP is not fair); 0: exact fair shares
@@ -192,8 +191,8 @@ class Sim:
         if p.protocol == "new" and self.uploads[o] > p.load_bound:
             hs = [h for h in self.holders.get(c, ()) if h != node]
             if hs:
-                # The asker tries up to holders_sent of them in a shuffled
-                # order, and here the first always still holds the chunk.
+                # The asker tries up to 4 of them in a shuffled order; here
+                # the first always still holds the chunk, so it is a uniform pick.
                 sender = hs[self.rnd.randrange(len(hs))]
                 self.redirects += 1
         self.uploads[sender] += 1
