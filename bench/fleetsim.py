@@ -122,8 +122,7 @@ class Sim:
         self.asked = [bytearray(c) for _ in range(n)]
         self.got = [0] * n
         self.done_at = [None] * n
-        self.busy = [0] * n  # prefetch slots in use
-        self.pf_inflight = [0] * n
+        self.busy = [0] * n  # prefetches in flight (or waiting for an owner's fetch)
         self.unread = [0] * n
         self.pos = [list(self.file_start) for _ in range(n)]
         self.uploads = [0] * n
@@ -132,16 +131,16 @@ class Sim:
         self.holders = {}  # chunk -> nodes its owner served it to, newest last
         self.origin_bytes = 0
         self.redirects = 0
-        self.order = [self._order(i, rng) for i in range(n)]
+        self.order = [self._order(i) for i in range(n)]
         self.ptr = [0] * n
         self.wchunks = math.inf if p.window_bytes == math.inf else max(1, int(p.window_bytes // p.chunk))
-        # Links: uplinks 0..n-1, downlinks n..2n-1, origin 2n, none 2n+1.
-        self.cap = np.array([p.up_bps / 8] * n + [p.down_bps / 8] * n + [p.origin_bps / 8, np.inf])
+        # Links: uplinks 0..n-1, downlinks n..2n-1, origin 2n.
+        self.cap = np.array([p.up_bps / 8] * n + [p.down_bps / 8] * n + [p.origin_bps / 8])
         self.new = []  # flows to start: (kind, chunk, sender, receiver, prefetch)
         self.t = 0.0
         self.wrng = rng
 
-    def _order(self, node, rng):
+    def _order(self, node):
         """The chunks in the order this node's prefetch asks for them."""
         p = self.p
         per_file = []
@@ -166,7 +165,6 @@ class Sim:
         self.asked[node][c] = 1
         if prefetch:
             self.busy[node] += 1
-            self.pf_inflight[node] += 1
         # Without peers every node is the owner of every chunk it reads.
         o = node if self.p.protocol == "none" else self.owner[c]
         key = (o, c)
@@ -209,7 +207,7 @@ class Sim:
                 if c < self.file_end[f] and not asked[c]:
                     self.request(node, c, False)
         order, i = self.order[node], self.ptr[node]
-        while self.busy[node] < p.concurrency and self.unread[node] + self.pf_inflight[node] < self.wchunks:
+        while self.busy[node] < p.concurrency and self.unread[node] + self.busy[node] < self.wchunks:
             while i < len(order) and asked[order[i]]:
                 i += 1
             if i == len(order):
@@ -223,7 +221,6 @@ class Sim:
     def arrive(self, node, c, prefetch, t):
         if prefetch:
             self.busy[node] -= 1
-            self.pf_inflight[node] -= 1
         self.hold(node, c, t)
 
     def hold(self, node, c, t):
