@@ -336,7 +336,20 @@ def bound(p: Params):
     return round(b, 2)
 
 
+def check(p: Params):
+    """Refuses parameters the model cannot run, naming the fix."""
+    if p.protocol not in ("old", "new", "none"):
+        raise ValueError(f"protocol {p.protocol!r}: use old, new or none")
+    if p.nodes < 1 or p.concurrency < 1 or p.files < 1 or p.chunk < 1 or p.model_bytes < 1:
+        raise ValueError("nodes, concurrency, files, chunk and model must be at least 1")
+    if min(p.up_bps, p.down_bps, p.origin_bps, p.get_bps, p.window_bytes) <= 0:
+        raise ValueError("rates and the window must be above 0")
+    if not 0 < p.batch <= 1 or not 0 <= p.unfairness < 1:
+        raise ValueError("batch must be in (0, 1] and unfairness in [0, 1)")
+
+
 def simulate(p: Params):
+    check(p)
     t = time.process_time()
     out = Sim(p).run()
     out["bound_s"] = bound(p)
@@ -381,14 +394,22 @@ def main():
     ap.add_argument("--unfairness", type=float, default=0.0)
     ap.add_argument("--batch", type=float, default=0.01)
     a = ap.parse_args()
-    for proto in a.protocol.split():
-        for n in map(int, a.nodes.split()):
-            p = Params(nodes=n, model_bytes=size(a.model), files=a.files, chunk=size(a.chunk), up_bps=rate(a.nic),
-                       down_bps=rate(a.nic), origin_bps=rate(a.origin), get_bps=rate(a.get), concurrency=a.concurrency,
-                       protocol=proto, load_bound=a.load_bound,
-                       window_bytes=math.inf if a.window == "inf" else size(a.window), reader=not a.no_reader,
+    try:
+        runs = [(proto, int(n)) for proto in a.protocol.split() for n in a.nodes.split()]
+        model, chunk, nic = size(a.model), size(a.chunk), rate(a.nic)
+        origin, get = rate(a.origin), rate(a.get)
+        window = math.inf if a.window == "inf" else size(a.window)
+    except ValueError as e:
+        ap.error(f"{e}: give sizes like 62GB or 8MiB and rates like 25gbit or 800mbit")
+    for proto, n in runs:
+        try:
+            p = Params(nodes=n, model_bytes=model, files=a.files, chunk=chunk, up_bps=nic, down_bps=nic,
+                       origin_bps=origin, get_bps=get, concurrency=a.concurrency, protocol=proto,
+                       load_bound=a.load_bound, window_bytes=window, reader=not a.no_reader,
                        unfairness=a.unfairness, batch=a.batch)
             print(json.dumps(simulate(p)), flush=True)
+        except ValueError as e:
+            ap.error(str(e))
 
 
 if __name__ == "__main__":
