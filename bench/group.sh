@@ -147,10 +147,11 @@ printf '\nScale-out: %s model (4 shards), origin limited to %s by tc, node uplin
   "$size" "$rate" "${node_rate:-unlimited}" "$(nproc)" "$bin"
 printf '| N | with peers: s | x N=1 | origin bytes / model | without peers: s | x N=1 | origin bytes / model | bytes verified |\n|---:|---:|---:|---:|---:|---:|---:|---|\n'
 one="" one_n="" jsons=()
-div() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "null" }'; }
+# null for a run skipped (--no-baseline).
+div() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a != "null" && b > 0) printf "%.2f", a / b; else print "null" }'; }
 for n in $counts; do
   read -r tp op okp < <(run "$n" yes)
-  tn=0 on=0 okn=yes
+  tn=null on=null okn=yes
   [ "$baseline" = yes ] && read -r tn on okn < <(run "$n" no)
   [ -z "$one" ] && one=$tp one_n=$tn
   printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$n" "$tp" "$(div "$tp" "$one")" "$(div "$op" "$bytes")" \

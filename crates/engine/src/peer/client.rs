@@ -75,6 +75,11 @@ impl PeerClient {
         })
     }
 
+    /// This node's id (random per start).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     fn body_bound(&self, len: u64) -> Duration {
         self.timeout
             .max(Duration::from_secs_f64(len as f64 / MIN_PEER_RATE as f64))

@@ -13,6 +13,7 @@
 
 mod client;
 mod membership;
+mod order;
 mod rendezvous;
 mod server;
 mod tiers;
@@ -20,7 +21,7 @@ mod tls;
 
 pub use client::{ChunkRequest, PeerClient};
 pub use membership::{Membership, PeerSpec};
-pub use rendezvous::{owner, ranked};
+pub use rendezvous::{owner, ranked, Owners};
 pub use server::serve;
 pub use tiers::{ChunkAsker, PeerTier, WarmupTier};
 pub use tls::{TlsAcceptor, TlsFiles};

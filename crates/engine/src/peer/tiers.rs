@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::{ranked, ChunkRequest, Membership, PeerClient};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{order, ranked, ChunkRequest, Membership, Owners, PeerClient};
 use crate::stats::{add, Stats};
 use crate::tier::{record_fetch, Tier};
 use crate::{Error, FileVersion, Result};
@@ -17,6 +19,11 @@ use crate::{Error, FileVersion, Result};
 /// The object's name that every node shares: its source URL and path.
 fn object(source: &str, file: &FileVersion) -> String {
     format!("{}/{}", source.trim_end_matches('/'), file.path)
+}
+
+/// A chunk's name for rendezvous hashing, the same on every node.
+fn chunk_key(object: &str, file: &FileVersion, index: u64) -> String {
+    format!("{object}\0{}\0{index}", file.version)
 }
 
 /// What both tiers share: how to ask one server for one chunk, and counting
@@ -89,12 +96,22 @@ impl Tier for PeerTier {
         true
     }
 
+    /// Owned chunks first, then the rest from an offset of this node's own
+    /// for this file (see `order`).
+    fn sweep_order(&self, file: &FileVersion, n_chunks: u64) -> Option<Vec<u64>> {
+        let object = object(&self.asker.source, file);
+        let owners = Owners::new(&self.membership.live());
+        let owned = |i: u64| {
+            owners
+                .of(chunk_key(&object, file, i).as_bytes())
+                .is_some_and(|o| self.membership.is_me(o))
+        };
+        let start = xxh3_64(format!("{}\0{object}", self.asker.client.node()).as_bytes());
+        Some(order::sweep(n_chunks, owned, start))
+    }
+
     async fn fetch(&self, file: &FileVersion, index: u64, range: Range<u64>) -> Result<Bytes> {
-        let key = format!(
-            "{}\0{}\0{index}",
-            object(&self.asker.source, file),
-            file.version
-        );
+        let key = chunk_key(&object(&self.asker.source, file), file, index);
         let ranked = ranked(key.as_bytes(), &self.membership.live());
         // Each pass either answers or learns that one more address is this
         // node's own, so it ends within a pass per member.
