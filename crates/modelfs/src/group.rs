@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use modelfs_engine::peer::{
-    self, ChunkAsker, Membership, PeerClient, PeerSpec, PeerTier, TlsAcceptor, TlsFiles, WarmupTier,
+    self, ChunkAsker, Membership, PeerClient, PeerSpec, PeerTier, Redirects, TlsAcceptor, TlsFiles,
+    WarmupTier,
 };
 use modelfs_engine::stats::Stats;
 use modelfs_engine::tier::Tier;
@@ -38,6 +39,10 @@ pub struct GroupArgs {
     /// for the group also gets the origin's budget); the chunk must then come at 1 MiB/s or better
     #[arg(long, default_value_t = 5.0)]
     pub peer_timeout: f64,
+    /// Chunks an owner sends at once before it names members that already hold a chunk to
+    /// further askers instead (0: whenever it knows one)
+    #[arg(long, default_value_t = 4)]
+    pub peer_upload_limit: usize,
     #[command(flatten)]
     pub tls: PeerTlsArgs,
 }
@@ -82,6 +87,7 @@ pub struct Group {
     /// The peer port's TLS, when `--peer-tls-cert` is given.
     acceptor: Option<TlsAcceptor>,
     scheme: &'static str,
+    upload_limit: usize,
 }
 
 impl Group {
@@ -150,6 +156,7 @@ impl Group {
             metrics_listen: a.metrics_listen,
             acceptor,
             scheme: if tls.is_some() { "https" } else { "http" },
+            upload_limit: a.peer_upload_limit,
         })
     }
 
@@ -199,8 +206,12 @@ impl Group {
         let listener = tokio::net::TcpListener::from_std(l)?;
         let (engine, token, node) = (engine.clone(), self.token.clone(), self.node.clone());
         let tls = self.acceptor.clone();
+        let redirects = self.membership.clone().map(|membership| Redirects {
+            membership,
+            upload_limit: self.upload_limit,
+        });
         rt.spawn(async move {
-            if let Err(e) = peer::serve(engine, listener, token, node, tls).await {
+            if let Err(e) = peer::serve(engine, listener, token, node, tls, redirects).await {
                 error!("peer server on {addr} stopped: {e}");
             }
         });

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{CRC_HEADER, NODE_HEADER};
+use super::{CRC_HEADER, HOLDERS_HEADER, NODE_HEADER, REDIRECT_HEADER};
 use crate::{Error, FileVersion, Result};
 
 /// What to ask a peer for.
@@ -19,6 +19,9 @@ pub struct ChunkRequest<'a> {
     pub len: u64,
     /// Answer from the cache or not at all; never fetch.
     pub cached_only: bool,
+    /// A busy owner may answer with holders of the chunk instead
+    /// (`Error::Redirected`).
+    pub may_redirect: bool,
 }
 
 /// The slowest a peer may send a chunk's body once it has answered: a
@@ -93,9 +96,11 @@ impl PeerClient {
         let size = file.size.to_string();
         let idx = index.to_string();
         let cs = req.chunk_size.to_string();
-        let resp = self
-            .http
-            .get(format!("{base}/v1/chunk"))
+        let mut get = self.http.get(format!("{base}/v1/chunk"));
+        if req.may_redirect {
+            get = get.header(REDIRECT_HEADER, "1");
+        }
+        let resp = get
             .query(&[
                 ("object", req.object),
                 ("version", file.version.as_str()),
@@ -130,6 +135,17 @@ impl PeerClient {
                 == Some(self.node.as_str())
         {
             return Err(Error::ToSelf(base.to_string()));
+        }
+        if resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS && req.may_redirect {
+            let holders: Vec<std::net::SocketAddr> = resp
+                .headers()
+                .get(HOLDERS_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.split(',').filter_map(|a| a.trim().parse().ok()).collect())
+                .unwrap_or_default();
+            if !holders.is_empty() {
+                return Err(Error::Redirected(holders));
+            }
         }
         if !resp.status().is_success() {
             return Err(fail(format!("status {}", resp.status())));

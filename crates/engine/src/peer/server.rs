@@ -3,12 +3,15 @@
 //! version asked for, so a request can neither read outside the cache nor
 //! make the node cache anything but the source's current files.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::Request;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +22,8 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use super::{CRC_HEADER, NODE_HEADER};
+use super::holders::Holders;
+use super::{chunk_key, Membership, CRC_HEADER, HOLDERS_HEADER, NODE_HEADER, REDIRECT_HEADER};
 use crate::stats::add;
 use crate::{Engine, Error, FileVersion};
 
@@ -27,7 +31,32 @@ struct Server {
     engine: Arc<Engine>,
     token: String,
     node: String,
+    redirects: Option<Redirects>,
+    /// Chunk bodies being sent now.
+    uploads: Arc<AtomicUsize>,
+    holders: Arc<Holders>,
 }
+
+/// A group member's server: past `upload_limit` chunks being sent at once,
+/// it names members that hold a chunk instead of sending it (see the
+/// module `peer`).
+pub struct Redirects {
+    pub membership: Arc<Membership>,
+    pub upload_limit: usize,
+}
+
+/// Chunks whose holders a server remembers: 64 Ki chunks of 8 MiB are 512
+/// GiB of models, in a few MiB of memory.
+const HOLDERS_REMEMBERED: usize = 1 << 16;
+
+/// A chunk body goes out in pieces this big, so that the upload counts as
+/// in flight until nearly all of it is written (hyper asks for the next
+/// piece only when its buffer has room).
+const PIECE: usize = 256 << 10;
+
+/// The address the request came from, put in by the accept loop.
+#[derive(Clone, Copy)]
+struct From(SocketAddr);
 
 #[derive(Deserialize)]
 struct ChunkQuery {
@@ -71,11 +100,15 @@ pub async fn serve(
     token: String,
     node: String,
     tls: Option<super::TlsAcceptor>,
+    redirects: Option<Redirects>,
 ) -> std::io::Result<()> {
     let state = Arc::new(Server {
         engine,
         token,
         node,
+        redirects,
+        uploads: Arc::default(),
+        holders: Arc::new(Holders::new(HOLDERS_REMEMBERED)),
     });
     let app = Router::new()
         .route("/v1/chunk", get(chunk))
@@ -99,7 +132,9 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let svc = hyper_util::service::TowerToHyperService::new(
+            app.clone().layer(axum::Extension(From(from))),
+        );
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
@@ -172,6 +207,7 @@ async fn health(State(s): State<Arc<Server>>, headers: HeaderMap) -> Response {
 
 async fn chunk(
     State(s): State<Arc<Server>>,
+    Extension(From(from)): Extension<From>,
     headers: HeaderMap,
     q: Result<Query<ChunkQuery>, QueryRejection>,
 ) -> Response {
@@ -222,6 +258,27 @@ async fn chunk(
         version: q.version,
         size: q.size,
     };
+    let id = xxhash_rust::xxh3::xxh3_128(chunk_key(&q.object, &file.version, q.index).as_bytes());
+    let asker = s
+        .redirects
+        .as_ref()
+        .and_then(|r| member_at(&r.membership, from));
+    if let Some(r) = &s.redirects {
+        let may = headers.get(REDIRECT_HEADER).is_some_and(|v| v == "1");
+        if may && q.cached_only != 1 && s.uploads.load(SeqCst) >= r.upload_limit {
+            let holders = s.holders.get(id, asker);
+            if !holders.is_empty() {
+                add(&engine.stats().redirects_sent, 1);
+                let list: Vec<String> = holders.iter().map(|a| a.to_string()).collect();
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(HOLDERS_HEADER, list.join(","))],
+                    "busy: ask these holders first\n",
+                )
+                    .into_response();
+            }
+        }
+    }
     let served = if q.cached_only == 1 {
         engine.cached_chunk(&file, q.index)
     } else {
@@ -231,12 +288,64 @@ async fn chunk(
         Ok(b) => {
             add(&engine.stats().chunks_served_to_peers, 1);
             let crc = format!("{:08x}", crc32c::crc32c(&b));
-            (StatusCode::OK, [(CRC_HEADER, crc)], b).into_response()
+            let upload = Upload::start(&s, asker.map(|a| (id, a)));
+            (StatusCode::OK, [(CRC_HEADER, crc)], upload.body(b)).into_response()
         }
         Err(Error::NotFound(_)) => refuse(StatusCode::NOT_FOUND, "not cached here"),
         Err(e) => {
             debug!("peer request for {} chunk {}: {e}", file.path, q.index);
             refuse(StatusCode::BAD_GATEWAY, &e.to_string())
         }
+    }
+}
+
+/// The member whose address has the connection's IP, if exactly one has:
+/// where it listens, which a holder is named by. (Its port as a client is
+/// not the one it listens on.)
+fn member_at(m: &Membership, from: SocketAddr) -> Option<SocketAddr> {
+    let ip = from.ip().to_canonical();
+    let mut at = m.live().into_iter().filter(|a| a.ip().to_canonical() == ip);
+    match (at.next(), at.next()) {
+        (Some(a), None) => Some(a),
+        _ => None,
+    }
+}
+
+/// One chunk body being sent: counted in `uploads` until it is done or
+/// dropped, and its asker recorded as a holder only once all of it went out.
+struct Upload {
+    uploads: Arc<AtomicUsize>,
+    holder: Option<(Arc<Holders>, u128, SocketAddr)>,
+}
+
+impl Upload {
+    fn start(s: &Server, holder: Option<(u128, SocketAddr)>) -> Upload {
+        s.uploads.fetch_add(1, SeqCst);
+        Upload {
+            uploads: s.uploads.clone(),
+            holder: holder.map(|(id, a)| (s.holders.clone(), id, a)),
+        }
+    }
+
+    fn body(self, mut rest: bytes::Bytes) -> Body {
+        Body::from_stream(futures::stream::unfold(Some(self), move |upload| {
+            let piece = rest.split_to(PIECE.min(rest.len()));
+            async move {
+                let upload = upload?;
+                if piece.is_empty() {
+                    if let Some((holders, id, a)) = &upload.holder {
+                        holders.add(*id, *a);
+                    }
+                    return None;
+                }
+                Some((Ok::<_, std::convert::Infallible>(piece), Some(upload)))
+            }
+        }))
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.uploads.fetch_sub(1, SeqCst);
     }
 }
