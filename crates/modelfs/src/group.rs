@@ -132,7 +132,17 @@ impl Group {
                 // Only a node that asks others needs the CA to check them by.
                 let asks = a.peers.is_some() || a.warmup_service.is_some();
                 let tls = tls.as_ref().filter(|_| asks);
-                PeerClient::new(token.clone(), node.clone(), timeout, origin_budget, tls)
+                // Several nodes of one host (loopback addresses) would all
+                // send from the same address otherwise.
+                let local = a.listen.map(|l| l.ip()).filter(|ip| !ip.is_unspecified());
+                PeerClient::new(
+                    token.clone(),
+                    node.clone(),
+                    timeout,
+                    origin_budget,
+                    tls,
+                    local,
+                )
             })
             .transpose()?;
         if let Some(w) = &a.warmup_service {

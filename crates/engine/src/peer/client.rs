@@ -49,15 +49,18 @@ impl PeerClient {
     /// costs a read at most `timeout (+ origin_budget) + max(timeout, chunk /
     /// MIN_PEER_RATE)` before the next tier.
     /// With `tls`, peers are asked over https and must show a certificate
-    /// of the group's CA.
+    /// of the group's CA. With `local`, requests leave from that address
+    /// (where this node listens), by which an owner knows which member it
+    /// sent a chunk to.
     pub fn new(
         token: String,
         node: String,
         timeout: Duration,
         origin_budget: Duration,
         tls: Option<&super::TlsFiles>,
+        local: Option<std::net::IpAddr>,
     ) -> Result<Self> {
-        let mut b = reqwest::Client::builder();
+        let mut b = reqwest::Client::builder().local_address(local);
         if let Some(t) = tls {
             b = t.client(b)?;
         }
