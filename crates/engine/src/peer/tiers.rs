@@ -145,7 +145,7 @@ impl Tier for PeerTier {
             let mut r = self.ask(peer, file, index, &range, ask).await;
             if let Err(Error::Redirected(holders)) = r {
                 add(&self.asker.stats.redirects_followed, 1);
-                r = match self.from_holders(&holders, file, index, &range).await {
+                r = match self.ask_holders(&holders, file, index, &range).await {
                     Some(b) => Ok(b),
                     // None had it: the owner again, which now sends it
                     // itself, so a redirect happens once per fetch at most.
@@ -187,7 +187,7 @@ impl PeerTier {
     /// The chunk from the first of `holders` that has it cached. Only live
     /// members other than this node are asked: a holder list is a peer's
     /// word, and this node's token goes nowhere else.
-    async fn from_holders(
+    async fn ask_holders(
         &self,
         holders: &[SocketAddr],
         file: &FileVersion,
