@@ -128,12 +128,17 @@ run_nodes() {
   python3 - "$work" "$first" "$last" <<'PY'
 import json, sys
 work, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-t0s, t1s, origin, ok = [], [], 0, True
+t0s, t1s, origin, ok, errors, holders = [], [], 0, True, 0, 0
 for i in range(first, last + 1):
     a, b, good = open(f"{work}/res-{i}").read().split()
     t0s.append(float(a)); t1s.append(float(b)); ok &= good == "1"
-    origin += json.load(open(f"{work}/res-{i}.json"))["bytes_from_source"]
-print(f"{max(t1s) - min(t0s):.1f} {origin} {'yes' if ok else 'NO'}")
+    st = json.load(open(f"{work}/res-{i}.json"))
+    origin += st["bytes_from_source"]
+    # Failed peer requests (sent to the origin instead), and chunks from
+    # holders (0 for builds without redirects).
+    errors += sum(p["errors"] for p in st["peers"].values())
+    holders += st.get("chunks_from_holders", 0)
+print(f"{max(t1s) - min(t0s):.1f} {origin} {'yes' if ok else 'NO'} {errors} {holders}")
 PY
 }
 held_pids=()
@@ -150,15 +155,15 @@ one="" one_n="" jsons=()
 # null for a run skipped (--no-baseline).
 div() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a != "null" && b > 0) printf "%.2f", a / b; else print "null" }'; }
 for n in $counts; do
-  read -r tp op okp < <(run "$n" yes)
+  read -r tp op okp ep hp < <(run "$n" yes)
   tn=null on=null okn=yes
-  [ "$baseline" = yes ] && read -r tn on okn < <(run "$n" no)
+  [ "$baseline" = yes ] && read -r tn on okn _ _ < <(run "$n" no)
   [ -z "$one" ] && one=$tp one_n=$tn
   printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$n" "$tp" "$(div "$tp" "$one")" "$(div "$op" "$bytes")" \
     "$tn" "$(div "$tn" "$one_n")" "$(div "$on" "$bytes")" "$([ "$okp$okn" = yesyes ] && echo yes || echo NO)"
-  jsons+=("$(printf '{"n":%s,"model_bytes":%s,"origin_rate":"%s","node_rate":"%s","peers_s":%s,"peers_x1":%s,"peers_origin_x":%s,"no_peers_s":%s,"no_peers_x1":%s,"no_peers_origin_x":%s,"verified":%s}' \
+  jsons+=("$(printf '{"n":%s,"model_bytes":%s,"origin_rate":"%s","node_rate":"%s","peers_s":%s,"peers_x1":%s,"peers_origin_x":%s,"no_peers_s":%s,"no_peers_x1":%s,"no_peers_origin_x":%s,"peer_errors":%s,"chunks_from_holders":%s,"verified":%s}' \
     "$n" "$bytes" "$rate" "${node_rate:-}" "$tp" "$(div "$tp" "$one")" "$(div "$op" "$bytes")" \
-    "$tn" "$(div "$tn" "$one_n")" "$(div "$on" "$bytes")" "$([ "$okp$okn" = yesyes ] && echo true || echo false)")")
+    "$tn" "$(div "$tn" "$one_n")" "$(div "$on" "$bytes")" "$ep" "$hp" "$([ "$okp$okn" = yesyes ] && echo true || echo false)")")
 done
 echo
 for j in "${jsons[@]}"; do echo "json $j"; done
@@ -166,8 +171,8 @@ for j in "${jsons[@]}"; do echo "json $j"; done
 ratio() { awk -v a="$1" -v b="$bytes" 'BEGIN{printf "%.2f", a / b}'; }
 big=$(echo "$counts" | awk '{print $NF}')
 # A node joining a warm group: BIG nodes load and stay up, then one more joins.
-read -r _ _ _ < <(run_nodes 1 "$big" "$(peer_list "$big")" "" hold)
-read -r tj oj okj < <(run_nodes $((big + 1)) $((big + 1)) "$(peer_list $((big + 1)))" "" "")
+read -r _ _ _ _ _ < <(run_nodes 1 "$big" "$(peer_list "$big")" "" hold)
+read -r tj oj okj _ _ < <(run_nodes $((big + 1)) $((big + 1)) "$(peer_list $((big + 1)))" "" "")
 touch "$work/stop"; for p in "${held_pids[@]}"; do wait "$p" || true; done; rm -f "$work/stop"
 # A warm-up service preloaded with the model, in its own namespace; BIG cold nodes without peers.
 ip netns exec "$(nsname warmup)" "$bin" serve s3://models --listen 10.213.0.2:7070 --preload bench/ \
@@ -175,7 +180,7 @@ ip netns exec "$(nsname warmup)" "$bin" serve s3://models --listen 10.213.0.2:70
   > "$work/serve.log" 2>&1 &
 serve_pid=$!
 for _ in $(seq 1 1200); do grep -q "serving s3://models" "$work/serve.log" && break; sleep 0.1; done
-read -r tw ow okw < <(run_nodes 1 "$big" "" "http://10.213.0.2:7070" "")
+read -r tw ow okw _ _ < <(run_nodes 1 "$big" "" "http://10.213.0.2:7070" "")
 kill "$serve_pid"; wait "$serve_pid" 2>/dev/null || true
 printf '\n| case | s | origin bytes / model | bytes verified |\n|---|---:|---:|---|\n'
 printf '| a node joining %s warm nodes | %s | %s | %s |\n' "$big" "$tj" "$(ratio "$oj")" "$okj"
