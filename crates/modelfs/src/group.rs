@@ -39,8 +39,8 @@ pub struct GroupArgs {
     /// for the group also gets the origin's budget); the chunk must then come at 1 MiB/s or better
     #[arg(long, default_value_t = 5.0)]
     pub peer_timeout: f64,
-    /// Chunks an owner sends at once before it names members that already hold a chunk to
-    /// further askers instead (0: whenever it knows one)
+    /// Chunks the peer port sends at once (more wait); past it, an owner names members that
+    /// already hold a chunk to further askers instead (0: one at a time, always naming them)
     #[arg(long, default_value_t = 4)]
     pub peer_upload_limit: usize,
     #[command(flatten)]
