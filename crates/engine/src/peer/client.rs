@@ -1,6 +1,7 @@
 //! Chunk GETs to a peer or the warm-up service, each checked against the
 //! crc32c the server sends.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +32,8 @@ pub const MIN_PEER_RATE: u64 = 1 << 20;
 #[derive(Clone)]
 pub struct PeerClient {
     http: reqwest::Client,
+    /// Sends from this node's `--listen` address, to peers of its family.
+    bound: Option<(IpAddr, reqwest::Client)>,
     token: String,
     /// This node's id, sent with every request (see `NODE_HEADER`).
     node: String,
@@ -58,22 +61,30 @@ impl PeerClient {
         timeout: Duration,
         origin_budget: Duration,
         tls: Option<&super::TlsFiles>,
-        local: Option<std::net::IpAddr>,
+        local: Option<IpAddr>,
     ) -> Result<Self> {
-        let mut b = reqwest::Client::builder().local_address(local);
-        if let Some(t) = tls {
-            b = t.client(b)?;
-        }
-        let http = b
-            .connect_timeout(timeout)
-            .pool_max_idle_per_host(32)
-            // Before the server's own idle limit (`HEADER_TIMEOUT`), so a
-            // pooled connection is rarely one the server has just closed.
-            .pool_idle_timeout(super::server::HEADER_TIMEOUT / 2)
-            .build()
-            .map_err(|e| Error::Config(format!("peer client: {e}")))?;
+        let client = |local: Option<IpAddr>| {
+            let mut b = reqwest::Client::builder().local_address(local);
+            if let Some(t) = tls {
+                b = t.client(b)?;
+            }
+            b.connect_timeout(timeout)
+                .pool_max_idle_per_host(32)
+                // Before the server's own idle limit (`HEADER_TIMEOUT`), so a
+                // pooled connection is rarely one the server has just closed.
+                .pool_idle_timeout(super::server::HEADER_TIMEOUT / 2)
+                .build()
+                .map_err(|e| Error::Config(format!("peer client: {e}")))
+        };
+        // A socket bound to one family cannot reach the other: peers of the
+        // other family (and names) are asked from any address.
+        let bound = match local {
+            Some(ip) => Some((ip, client(Some(ip))?)),
+            None => None,
+        };
         Ok(PeerClient {
-            http,
+            http: client(None)?,
+            bound,
             token,
             node,
             timeout,
@@ -84,6 +95,16 @@ impl PeerClient {
     /// This node's id (random per start).
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    fn http_for(&self, base: &str) -> &reqwest::Client {
+        let peer = base
+            .split_once("://")
+            .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok());
+        match (&self.bound, peer) {
+            (Some((ip, c)), Some(p)) if ip.is_ipv4() == p.is_ipv4() => c,
+            _ => &self.http,
+        }
     }
 
     fn body_bound(&self, len: u64) -> Duration {
@@ -99,7 +120,7 @@ impl PeerClient {
         let size = file.size.to_string();
         let idx = index.to_string();
         let cs = req.chunk_size.to_string();
-        let mut get = self.http.get(format!("{base}/v1/chunk"));
+        let mut get = self.http_for(base).get(format!("{base}/v1/chunk"));
         if req.may_redirect {
             get = get.header(REDIRECT_HEADER, "1");
         }
