@@ -134,6 +134,14 @@ impl Engine {
         &self.cfg
     }
 
+    /// The order in which to fetch all of `file` (see `Tier::sweep_order`):
+    /// the first tier's that has one, or `None` for file order.
+    pub(crate) fn sweep_order(&self, file: &FileVersion, n_chunks: u64) -> Option<Vec<u64>> {
+        self.tiers
+            .iter()
+            .find_map(|t| t.sweep_order(file, n_chunks))
+    }
+
     /// Opens one version of a file and starts prefetching it.
     pub fn open(self: &Arc<Self>, file: FileVersion) -> Result<OpenFile> {
         let cf = self.store.file(&file);
@@ -364,7 +372,11 @@ impl Engine {
     pub async fn warm_file(self: &Arc<Self>, file: &FileVersion, concurrency: usize) -> Result<()> {
         use futures::StreamExt;
         let cf = self.store.file(file);
-        let results: Vec<Result<()>> = futures::stream::iter(0..cf.n_chunks())
+        let n = cf.n_chunks();
+        let order = self
+            .sweep_order(file, n)
+            .unwrap_or_else(|| (0..n).collect());
+        let results: Vec<Result<()>> = futures::stream::iter(order)
             .map(|i| {
                 let cf = cf.clone();
                 async move {

@@ -1,5 +1,6 @@
 //! Prefetch ahead of the readers of an open file: chunks in order from the
-//! first (time to first byte), jumping to where a reader misses, with a bound
+//! first (time to first byte), jumping to where a reader misses, or, in a
+//! peer group, in the group's order with a reader's next chunk first; with a bound
 //! on chunks in flight for the whole mount. Room is reserved before a chunk
 //! is fetched: when there is none (the prefetch window is full of chunks
 //! nobody has read, or everything else is pinned) it pauses, fetching
@@ -80,17 +81,50 @@ impl Prefetcher {
     }
 }
 
+/// The background sweep's order over a file's chunks: a permutation and
+/// each chunk's place in it.
+struct Sweep {
+    order: Vec<u64>,
+    place: Vec<usize>,
+    /// The order is the group's (see `Tier::sweep_order`) rather than file order.
+    spread: bool,
+}
+
+impl Sweep {
+    fn new(engine: &Engine, cf: &CacheFile) -> Sweep {
+        let n = cf.n_chunks();
+        let given = engine.sweep_order(&cf.file, n);
+        let spread = given.is_some();
+        let order = given.unwrap_or_else(|| (0..n).collect());
+        let mut place = vec![0; order.len()];
+        for (p, &i) in order.iter().enumerate() {
+            place[i as usize] = p;
+        }
+        Sweep {
+            order,
+            place,
+            spread,
+        }
+    }
+}
+
 async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Arc<Semaphore>) {
     let store = engine.store().clone();
     let n = cf.n_chunks();
+    let sweep = Sweep::new(&engine, &cf);
+    let len = sweep.order.len();
     let mut dispatched = vec![false; n as usize];
-    let (mut next, mut low) = (0u64, 0u64);
+    // Places in the sweep's order: where it goes on, and below which
+    // everything was dispatched.
+    let (mut next, mut low) = (0usize, 0usize);
+    // A reader's next chunk, fetched before the sweep goes on.
+    let mut urgent: Option<u64> = None;
     // Chunks that found no room, to try again once readers have made some.
     let retry: Arc<Mutex<Vec<u64>>> = Arc::default();
     let in_flight = Arc::new(AtomicUsize::new(0));
     while job.opens.load(SeqCst) > 0 {
         let again = std::mem::take(&mut *retry.lock());
-        if let Some(&first) = again.iter().min() {
+        if let Some(first) = again.iter().map(|&i| sweep.place[i as usize]).min() {
             for i in again {
                 dispatched[i as usize] = false;
             }
@@ -104,22 +138,41 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
         }
         let h = job.hint.swap(NO_HINT, SeqCst);
         if h < n {
-            next = h;
-        }
-        let candidate = (next..n).find(|&i| !dispatched[i as usize]).or_else(|| {
-            while low < n && dispatched[low as usize] {
-                low += 1;
+            // In file order the sweep follows the reader. In the group's
+            // order it keeps its place, which spreads the fleet's asks over
+            // the owners, and the reader's chunk just goes first.
+            if sweep.spread {
+                urgent = Some(h);
+            } else {
+                next = sweep.place[h as usize];
             }
-            (low < n).then_some(low)
-        });
-        let Some(i) = candidate else {
+        }
+        let candidate = urgent
+            .take()
+            .filter(|&i| !dispatched[i as usize])
+            .map(|i| (i, false))
+            .or_else(|| {
+                (next..len)
+                    .map(|p| sweep.order[p])
+                    .find(|&i| !dispatched[i as usize])
+                    .or_else(|| {
+                        while low < len && dispatched[sweep.order[low] as usize] {
+                            low += 1;
+                        }
+                        (low < len).then(|| sweep.order[low])
+                    })
+                    .map(|i| (i, true))
+            });
+        let Some((i, swept)) = candidate else {
             if in_flight.load(SeqCst) == 0 {
                 break;
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), job.wake.notified()).await;
             continue;
         };
-        next = i + 1;
+        if swept {
+            next = sweep.place[i as usize] + 1;
+        }
         if store.contains(&cf, i) {
             dispatched[i as usize] = true;
             continue;
