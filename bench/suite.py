@@ -526,17 +526,22 @@ def scenario_scale_out(counts, size):
     out = sh(os.path.join(ROOT, "bench/group.sh"), "--size", size, "--nodes", counts, timeout=1800).stdout
     rows, cases = [], []
     for line in out.splitlines():
+        if line.startswith("json "):
+            j = json.loads(line[5:])
+            rows.append({"N": j["n"], "peers_s": j["peers_s"], "peers_x1": j["peers_x1"],
+                         "peers_origin": j["peers_origin_x"], "no_peers_s": j["no_peers_s"],
+                         "no_peers_x1": j["no_peers_x1"], "no_peers_origin": j["no_peers_origin_x"],
+                         "peer_errors": j["peer_errors"], "chunks_from_holders": j["chunks_from_holders"],
+                         "rate": j["origin_rate"], "verified": "yes" if j["verified"] else "NO"})
+            continue
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 6 and cells[0].isdigit():
-            rows.append({"N": int(cells[0]), "peers_s": float(cells[1].split()[0]), "peers_origin": float(cells[2]),
-                         "no_peers_s": float(cells[3]), "no_peers_origin": float(cells[4]), "verified": cells[5]})
-        elif len(cells) == 4 and cells[0].startswith(("a node", *"0123456789")):
+        if len(cells) == 4 and cells[0].startswith(("a node", *"0123456789")):
             cases.append({"case": cells[0], "seconds": float(cells[1]), "origin_per_model": float(cells[2]), "verified": cells[3]})
     if not rows or len(cases) != 2:
         raise RuntimeError(f"bench/group.sh printed no full table: {out[-400:]}")
     if any(r["verified"] != "yes" for r in rows + cases):
         raise RuntimeError("WRONG BYTES in scale-out")
-    return {"rows": rows, "cases": cases, "rate": "800mbit", "model": size}
+    return {"rows": rows, "cases": cases, "rate": rows[0]["rate"], "model": size}
 
 
 PAUSED = r"""
@@ -851,7 +856,7 @@ def report(res, out):
         ("5_switching", "5. Model switching: each checkpoint read twice (hash, then load); seconds per switch",
          ["system", "first_switch_s", "second_switch_s", "flags"]),
         ("6_scale_out", "6. Scale-out: N nodes in network namespaces, tc-limited origin",
-         ["N", "peers_s", "peers_origin", "no_peers_s", "no_peers_origin", "verified"]),
+         ["N", "peers_s", "peers_x1", "peers_origin", "no_peers_s", "no_peers_x1", "no_peers_origin", "peer_errors", "chunks_from_holders", "verified"]),
         ("7_real_model", "7. A real model: all-MiniLM-L6-v2 weights, loaded through each mount",
          ["system", "load_seconds", "MBps", "flags"]),
         ("9_pressure", "9. Under pressure: origin bytes / bytes read, cache smaller and larger than the model (bound: 1 + prefetch window / bytes read)",
