@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod engine;
+pub mod layout;
 pub mod error;
 pub mod namespace;
 pub mod peer;
