@@ -101,7 +101,10 @@ fn safetensors(prefix: &[u8], file_size: u64) -> Parsed {
         if name == "__metadata__" {
             continue;
         }
-        let Ok(StInfo { data_offsets: (a, b) }) = StInfo::deserialize(v) else {
+        let Ok(StInfo {
+            data_offsets: (a, b),
+        }) = StInfo::deserialize(v)
+        else {
             return Parsed::Unknown;
         };
         match (end.checked_add(a), end.checked_add(b)) {
@@ -205,7 +208,11 @@ fn gguf(prefix: &[u8], file_size: u64) -> Parsed {
         Ok(ranges) => Layout::new(ranges, file_size).map_or(Parsed::Unknown, Parsed::Layout),
         Err(Stop::Short) => {
             let need = (prefix.len() as u64).saturating_mul(2).max(1 << 20);
-            more(need.min(MAX_HEADER + 8).min(file_size), prefix.len(), file_size)
+            more(
+                need.min(MAX_HEADER + 8).min(file_size),
+                prefix.len(),
+                file_size,
+            )
         }
         Err(Stop::Bad) => Parsed::Unknown,
     }

@@ -5,8 +5,8 @@
 
 pub mod cache;
 pub mod engine;
-pub mod layout;
 pub mod error;
+pub mod layout;
 pub mod namespace;
 pub mod peer;
 pub mod prefetch;

@@ -82,7 +82,8 @@ impl Prefetcher {
         let Some(job) = self.jobs.lock().get(&key).cloned() else {
             return;
         };
-        job.hint.store(job.follow.miss(i, offset, chunk_size), SeqCst);
+        job.hint
+            .store(job.follow.miss(i, offset, chunk_size), SeqCst);
         job.wake.notify_one();
     }
 }
@@ -124,12 +125,14 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
             next = h;
         }
         let readers = job.follow.next(|i| i >= n || dispatched[i as usize]);
-        let candidate = readers.or_else(|| (next..n).find(|&i| !dispatched[i as usize])).or_else(|| {
-            while low < n && dispatched[low as usize] {
-                low += 1;
-            }
-            (low < n).then_some(low)
-        });
+        let candidate = readers
+            .or_else(|| (next..n).find(|&i| !dispatched[i as usize]))
+            .or_else(|| {
+                while low < n && dispatched[low as usize] {
+                    low += 1;
+                }
+                (low < n).then_some(low)
+            });
         let Some(i) = candidate else {
             if in_flight.load(SeqCst) == 0 {
                 break;

@@ -20,7 +20,12 @@ const MIB: usize = 1 << 20;
 fn write_safetensors(path: &Path, tensors: &[(String, Vec<u8>)]) -> Vec<u8> {
     let views: BTreeMap<_, _> = tensors
         .iter()
-        .map(|(n, b)| (n.clone(), TensorView::new(Dtype::U8, vec![b.len()], b).unwrap()))
+        .map(|(n, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::U8, vec![b.len()], b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(&views, None, path).unwrap();
     std::fs::read(path).unwrap()

@@ -25,7 +25,10 @@ fn parse_growing(bytes: &[u8], first: usize) -> Parsed {
     for _ in 0..64 {
         match parse(&bytes[..have], bytes.len() as u64) {
             Parsed::More(n) => {
-                assert!(n as usize > have && n <= MAX_HEADER + 8, "More({n}) with {have} bytes");
+                assert!(
+                    n as usize > have && n <= MAX_HEADER + 8,
+                    "More({n}) with {have} bytes"
+                );
                 have = (n as usize).min(bytes.len());
             }
             done => return done,
@@ -92,13 +95,22 @@ fn st_file(header: &str, data: usize) -> Vec<u8> {
 
 #[test]
 fn lying_safetensors_headers_are_no_layout() {
-    let ok = st_file(r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#, 4);
+    let ok = st_file(
+        r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#,
+        4,
+    );
     assert!(matches!(parse(&ok, ok.len() as u64), Parsed::Layout(_)));
     for (header, data) in [
         // beyond the end of the file
-        (r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,5]}}"#, 4),
+        (
+            r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,5]}}"#,
+            4,
+        ),
         // overlapping
-        (r#"{"a":{"data_offsets":[0,4]},"b":{"data_offsets":[2,6]}}"#, 6),
+        (
+            r#"{"a":{"data_offsets":[0,4]},"b":{"data_offsets":[2,6]}}"#,
+            6,
+        ),
         // backwards, and overflowing
         (r#"{"a":{"data_offsets":[4,0]}}"#, 4),
         (r#"{"a":{"data_offsets":[0,18446744073709551615]}}"#, 4),

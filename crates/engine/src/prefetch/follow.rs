@@ -126,7 +126,12 @@ impl Follow {
 }
 
 /// Bytes `0..want` of the file, given the first `have.len()` of them.
-async fn prefix(engine: &Arc<Engine>, cf: &Arc<CacheFile>, have: Bytes, want: u64) -> Option<Bytes> {
+async fn prefix(
+    engine: &Arc<Engine>,
+    cf: &Arc<CacheFile>,
+    have: Bytes,
+    want: u64,
+) -> Option<Bytes> {
     let cs = engine.config().chunk_size;
     let mut out = BytesMut::from(have);
     while (out.len() as u64) < want {
