@@ -99,7 +99,10 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
     let in_flight = Arc::new(AtomicUsize::new(0));
     {
         let (engine, cf, job) = (engine.clone(), cf.clone(), job.clone());
-        tokio::spawn(async move { job.follow.learn(&engine, &cf).await });
+        tokio::spawn(async move {
+            let open = || job.opens.load(SeqCst) > 0;
+            job.follow.learn(&engine, &cf, open).await
+        });
     }
     while job.opens.load(SeqCst) > 0 {
         let again = std::mem::take(&mut *retry.lock());

@@ -103,12 +103,18 @@ impl Follow {
     /// Reads the file's header, fetching what is not cached as prefetch
     /// (within its window, so a file that is not a weights file costs
     /// nothing the sweep would not fetch anyway), and keeps its layout.
-    pub(super) async fn learn(&self, engine: &Arc<Engine>, cf: &Arc<CacheFile>) {
+    /// Stops once `open` says the file was closed, as the sweep does.
+    pub(super) async fn learn(
+        &self,
+        engine: &Arc<Engine>,
+        cf: &Arc<CacheFile>,
+        open: impl Fn() -> bool,
+    ) {
         let size = cf.file.size;
         let mut want = FIRST_READ.min(size);
         let mut have = Bytes::new();
         loop {
-            match prefix(engine, cf, have, want).await {
+            match prefix(engine, cf, have, want, &open).await {
                 Some(b) => have = b,
                 None => return,
             }
@@ -131,10 +137,14 @@ async fn prefix(
     cf: &Arc<CacheFile>,
     have: Bytes,
     want: u64,
+    open: impl Fn() -> bool,
 ) -> Option<Bytes> {
     let cs = engine.config().chunk_size;
     let mut out = BytesMut::from(have);
     while (out.len() as u64) < want {
+        if !open() {
+            return None;
+        }
         let at = out.len() as u64;
         let (i, base) = (at / cs, at / cs * cs);
         let rel = at - base..(want - base).min(cf.chunk_len(i));
