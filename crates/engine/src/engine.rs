@@ -202,7 +202,8 @@ impl Engine {
             return Ok(b);
         }
         add(&self.stats.cache_misses, 1);
-        self.prefetcher.hint(cf.key, i + 1);
+        let offset = cf.chunk_range(i).start + rel.start;
+        self.prefetcher.miss(cf.key, i, offset, self.cfg.chunk_size);
         match self.fetch(cf, i, Want::Read).await? {
             Got::Bytes(whole) => {
                 self.store.mark_read(cf, i);

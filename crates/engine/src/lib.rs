@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod engine;
 pub mod error;
+pub mod layout;
 pub mod namespace;
 pub mod peer;
 pub mod prefetch;
