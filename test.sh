@@ -60,6 +60,9 @@ log "Kubernetes manifests: render every overlay, validate against the schemas"
 cargo build --release
 deploy/kubernetes/validate.sh
 
+log "fleet simulation: max-min sharing and protocol cases with known answers"
+python3 bench/test_fleetsim.py
+
 log "benchmark suite, quick: every scenario must produce figures from verified bytes"
 bench/run.sh --quick
 

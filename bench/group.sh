@@ -6,21 +6,34 @@
 # for all N nodes to finish and the origin bytes, per N.
 # Then a node joining the largest warm group, and that many cold nodes served by
 # a preloaded warm-up service (no peers).
-# Usage: bench/group.sh [--size 512MiB] [--rate 800mbit] [--nodes "1 2 4 8"]
+# The origin's rate is low enough that the protocol decides the time rather
+# than this machine's cores; --node-rate also caps each node's uplink, as a
+# NIC would (the owners' hot spots show only when uplinks are finite).
+# Besides the tables, one JSON line per N (prefixed "json ") for scripts.
+# --bin runs another build (e.g. main's, to compare protocols).
+# Usage: bench/group.sh [--size 512MiB] [--rate 200mbit] [--node-rate RATE]
+#                       [--nodes "1 2 4 8"] [--bin PATH] [--no-baseline]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-size=512MiB rate=800mbit counts="1 2 4 8"
+size=512MiB rate=200mbit node_rate="" counts="1 2 4 8" bin="" baseline=yes
+usage='usage: bench/group.sh [--size 512MiB] [--rate 200mbit] [--node-rate RATE] [--nodes "1 2 4 8"] [--bin PATH] [--no-baseline]'
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift 2 ;;
     --rate) rate=$2; shift 2 ;;
+    --node-rate) node_rate=$2; shift 2 ;;
     --nodes) counts=$2; shift 2 ;;
-    *) echo "usage: $0 [--size 512MiB] [--rate 800mbit] [--nodes \"1 2 4 8\"]" >&2; exit 2 ;;
+    --bin) bin=$(realpath "$2"); shift 2 ;;
+    --no-baseline) baseline=no; shift ;;
+    *) echo "$usage" >&2; exit 2 ;;
   esac
 done
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q
-bin=$PWD/target/release/modelfs
+if [ -z "$bin" ]; then
+  cargo build --release -q
+  bin=$PWD/target/release/modelfs
+fi
+[ -x "$bin" ] || { echo "--bin $bin: not an executable; build it or give the path to modelfs" >&2; exit 2; }
 work=$(mktemp -d /var/tmp/modelfs-bench-group.XXXXXX)
 tag=mfs$$
 max=8
@@ -50,7 +63,10 @@ attach() { # NAME ADDRESS
 }
 attach origin 10.213.0.1
 attach warmup 10.213.0.2
-for i in $(seq 1 $((max + 1))); do attach "n$i" "10.213.0.$((10 + i))"; done
+for i in $(seq 1 $((max + 1))); do
+  attach "n$i" "10.213.0.$((10 + i))"
+  [ -n "$node_rate" ] && ip netns exec "$(nsname "n$i")" tc qdisc add dev eth0 root tbf rate "$node_rate" burst 256kb latency 100ms
+done
 # The origin sends at most $rate, to all nodes together.
 ip netns exec "$(nsname origin)" tc qdisc add dev eth0 root tbf rate "$rate" burst 256kb latency 100ms
 
@@ -112,12 +128,17 @@ run_nodes() {
   python3 - "$work" "$first" "$last" <<'PY'
 import json, sys
 work, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-t0s, t1s, origin, ok = [], [], 0, True
+t0s, t1s, origin, ok, errors, holders = [], [], 0, True, 0, 0
 for i in range(first, last + 1):
     a, b, good = open(f"{work}/res-{i}").read().split()
     t0s.append(float(a)); t1s.append(float(b)); ok &= good == "1"
-    origin += json.load(open(f"{work}/res-{i}.json"))["bytes_from_source"]
-print(f"{max(t1s) - min(t0s):.1f} {origin} {'yes' if ok else 'NO'}")
+    st = json.load(open(f"{work}/res-{i}.json"))
+    origin += st["bytes_from_source"]
+    # Failed peer requests (sent to the origin instead), and chunks from
+    # holders (0 for builds without redirects).
+    errors += sum(p["errors"] for p in st["peers"].values())
+    holders += st.get("chunks_from_holders", 0)
+print(f"{max(t1s) - min(t0s):.1f} {origin} {'yes' if ok else 'NO'} {errors} {holders}")
 PY
 }
 held_pids=()
@@ -127,23 +148,31 @@ run() { # N PEERS(yes|no) -> "seconds origin_bytes all_ok"
   run_nodes 1 "$1" "$peers" "" ""
 }
 
-printf '\nScale-out: %s model (4 shards), origin limited to %s by tc, nodes in network namespaces; %s cores\n\n' "$size" "$rate" "$(nproc)"
-printf '| N | with peers: s | origin bytes / model | without peers: s | origin bytes / model | bytes verified |\n|---:|---:|---:|---:|---:|---|\n'
-one=""
+printf '\nScale-out: %s model (4 shards), origin limited to %s by tc, node uplinks %s, nodes in network namespaces; %s cores; %s\n\n' \
+  "$size" "$rate" "${node_rate:-unlimited}" "$(nproc)" "$bin"
+printf '| N | with peers: s | x N=1 | origin bytes / model | without peers: s | x N=1 | origin bytes / model | bytes verified |\n|---:|---:|---:|---:|---:|---:|---:|---|\n'
+one="" one_n="" jsons=()
+# null for a run skipped (--no-baseline).
+div() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a != "null" && b > 0) printf "%.2f", a / b; else print "null" }'; }
 for n in $counts; do
-  read -r tp op okp < <(run "$n" yes)
-  read -r tn on okn < <(run "$n" no)
-  [ -z "$one" ] && one=$tp
-  printf '| %s | %s (%.2fx N=1) | %.2f | %s | %.2f | %s |\n' "$n" "$tp" "$(awk -v a="$tp" -v b="$one" 'BEGIN{print a/b}')" \
-    "$(awk -v a="$op" -v b="$bytes" 'BEGIN{print a/b}')" "$tn" "$(awk -v a="$on" -v b="$bytes" 'BEGIN{print a/b}')" \
-    "$([ "$okp$okn" = yesyes ] && echo yes || echo NO)"
+  read -r tp op okp ep hp < <(run "$n" yes)
+  tn=null on=null okn=yes
+  [ "$baseline" = yes ] && read -r tn on okn _ _ < <(run "$n" no)
+  [ -z "$one" ] && one=$tp one_n=$tn
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$n" "$tp" "$(div "$tp" "$one")" "$(div "$op" "$bytes")" \
+    "$tn" "$(div "$tn" "$one_n")" "$(div "$on" "$bytes")" "$([ "$okp$okn" = yesyes ] && echo yes || echo NO)"
+  jsons+=("$(printf '{"n":%s,"model_bytes":%s,"origin_rate":"%s","node_rate":"%s","peers_s":%s,"peers_x1":%s,"peers_origin_x":%s,"no_peers_s":%s,"no_peers_x1":%s,"no_peers_origin_x":%s,"peer_errors":%s,"chunks_from_holders":%s,"verified":%s}' \
+    "$n" "$bytes" "$rate" "${node_rate:-}" "$tp" "$(div "$tp" "$one")" "$(div "$op" "$bytes")" \
+    "$tn" "$(div "$tn" "$one_n")" "$(div "$on" "$bytes")" "$ep" "$hp" "$([ "$okp$okn" = yesyes ] && echo true || echo false)")")
 done
+echo
+for j in "${jsons[@]}"; do echo "json $j"; done
 
 ratio() { awk -v a="$1" -v b="$bytes" 'BEGIN{printf "%.2f", a / b}'; }
 big=$(echo "$counts" | awk '{print $NF}')
 # A node joining a warm group: BIG nodes load and stay up, then one more joins.
-read -r _ _ _ < <(run_nodes 1 "$big" "$(peer_list "$big")" "" hold)
-read -r tj oj okj < <(run_nodes $((big + 1)) $((big + 1)) "$(peer_list $((big + 1)))" "" "")
+read -r _ _ _ _ _ < <(run_nodes 1 "$big" "$(peer_list "$big")" "" hold)
+read -r tj oj okj _ _ < <(run_nodes $((big + 1)) $((big + 1)) "$(peer_list $((big + 1)))" "" "")
 touch "$work/stop"; for p in "${held_pids[@]}"; do wait "$p" || true; done; rm -f "$work/stop"
 # A warm-up service preloaded with the model, in its own namespace; BIG cold nodes without peers.
 ip netns exec "$(nsname warmup)" "$bin" serve s3://models --listen 10.213.0.2:7070 --preload bench/ \
@@ -151,7 +180,7 @@ ip netns exec "$(nsname warmup)" "$bin" serve s3://models --listen 10.213.0.2:70
   > "$work/serve.log" 2>&1 &
 serve_pid=$!
 for _ in $(seq 1 1200); do grep -q "serving s3://models" "$work/serve.log" && break; sleep 0.1; done
-read -r tw ow okw < <(run_nodes 1 "$big" "" "http://10.213.0.2:7070" "")
+read -r tw ow okw _ _ < <(run_nodes 1 "$big" "" "http://10.213.0.2:7070" "")
 kill "$serve_pid"; wait "$serve_pid" 2>/dev/null || true
 printf '\n| case | s | origin bytes / model | bytes verified |\n|---|---:|---:|---|\n'
 printf '| a node joining %s warm nodes | %s | %s | %s |\n' "$big" "$tj" "$(ratio "$oj")" "$okj"

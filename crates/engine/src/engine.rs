@@ -45,6 +45,9 @@ pub struct Engine {
     prefetcher: Prefetcher,
     /// Bytes of the `max_inflight` budget, taken before a tier is asked.
     inflight: Arc<Semaphore>,
+    /// Two chunks more that only readers' misses may take: prefetch can fill
+    /// the budget, and a reader must not queue behind all of it.
+    readers: Arc<Semaphore>,
     stats: Arc<Stats>,
     cfg: EngineConfig,
 }
@@ -113,6 +116,7 @@ impl Engine {
         crate::buf::keep_idle(inflight as usize);
         Ok(Arc::new(Engine {
             inflight: Arc::new(Semaphore::new(inflight as usize)),
+            readers: Arc::new(Semaphore::new(2 * cfg.chunk_size as usize)),
             namespace: Namespace::new(source.clone(), cfg.listing_ttl),
             source,
             store,
@@ -146,6 +150,14 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// The order in which to fetch all of `file` (see `Tier::sweep_order`):
+    /// the first tier's that has one, or `None` for file order.
+    pub(crate) fn sweep_order(&self, file: &FileVersion, n_chunks: u64) -> Option<Vec<u64>> {
+        self.tiers
+            .iter()
+            .find_map(|t| t.sweep_order(file, n_chunks))
     }
 
     /// Opens one version of a file and starts prefetching it.
@@ -218,7 +230,8 @@ impl Engine {
             return Ok(b);
         }
         add(&self.stats.cache_misses, 1);
-        self.prefetcher.hint(cf.key, i + 1);
+        let offset = cf.chunk_range(i).start + rel.start;
+        self.prefetcher.miss(cf.key, i, offset, self.cfg.chunk_size);
         match self.fetch(cf, i, Want::Read).await? {
             Got::Bytes(whole) => {
                 self.store.mark_read(cf, i);
@@ -230,7 +243,7 @@ impl Engine {
             Got::NoRoom(_) => {
                 let base = cf.chunk_range(i).start;
                 let range = base + rel.start..base + rel.end;
-                let budget = self.budget(range.end - range.start).await?;
+                let budget = self.budget(range.end - range.start, true).await?;
                 let b = self.fetch_from_tiers(&cf.file, i, range, true).await?;
                 add(&self.stats.reads_uncached, 1);
                 add(&self.stats.bytes_uncached, b.len() as u64);
@@ -265,7 +278,7 @@ impl Engine {
     }
 
     async fn fetch_uncached(&self, cf: &CacheFile, i: u64) -> Result<Got> {
-        let budget = self.budget(cf.chunk_len(i)).await?;
+        let budget = self.budget(cf.chunk_len(i), false).await?;
         let b = self
             .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), false)
             .await?;
@@ -290,7 +303,7 @@ impl Engine {
                     Reserve::Room(r) => Some(r),
                     Reserve::Busy | Reserve::NoRoom => return Ok(Got::NoRoom(want)),
                 };
-                let budget = engine.budget(cf.chunk_len(i)).await?;
+                let budget = engine.budget(cf.chunk_len(i), want == Want::Read).await?;
                 let bytes = engine
                     .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), want == Want::Peer)
                     .await?;
@@ -310,14 +323,21 @@ impl Engine {
     }
 
     /// `len` bytes of the in-flight budget, held until the last piece of
-    /// what was fetched with it is dropped (see [`held`]).
-    async fn budget(&self, len: u64) -> Result<OwnedSemaphorePermit> {
-        let len = len.min(self.inflight_limit()).min(u32::MAX as u64);
-        self.inflight
-            .clone()
-            .acquire_many_owned(len as u32)
-            .await
-            .map_err(|_| Error::Cache("the in-flight budget is closed".into()))
+    /// what was fetched with it is dropped (see [`held`]). A reader's miss
+    /// takes whichever comes first, the budget or the readers' reserve.
+    async fn budget(&self, len: u64, reader: bool) -> Result<OwnedSemaphorePermit> {
+        let len = len.min(self.cfg.chunk_size).min(self.inflight_limit()) as u32;
+        let budget = self.inflight.clone().acquire_many_owned(len);
+        let permit = if reader {
+            tokio::select! {
+                biased;
+                p = budget => p,
+                p = self.readers.clone().acquire_many_owned(len) => p,
+            }
+        } else {
+            budget.await
+        };
+        permit.map_err(|_| Error::Cache("the in-flight budget is closed".into()))
     }
 
     /// Bytes `range` of `file` (within chunk `index`) from the first tier
@@ -409,7 +429,11 @@ impl Engine {
     pub async fn warm_file(self: &Arc<Self>, file: &FileVersion, concurrency: usize) -> Result<()> {
         use futures::StreamExt;
         let cf = self.store.file(file);
-        let results: Vec<Result<()>> = futures::stream::iter(0..cf.n_chunks())
+        let n = cf.n_chunks();
+        let order = self
+            .sweep_order(file, n)
+            .unwrap_or_else(|| (0..n).collect());
+        let results: Vec<Result<()>> = futures::stream::iter(order)
             .map(|i| {
                 let cf = cf.clone();
                 async move {

@@ -23,6 +23,9 @@ pub enum Error {
     /// node's own.
     #[error("{0} is this node itself")]
     ToSelf(String),
+    /// A busy owner named members that hold the chunk instead of sending it.
+    #[error("the owner is busy; {} members hold the chunk", .0.len())]
+    Redirected(Vec<std::net::SocketAddr>),
     #[error("cache: {0}")]
     Cache(String),
     #[error("{0}")]

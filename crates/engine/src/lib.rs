@@ -7,6 +7,7 @@ pub mod buf;
 pub mod cache;
 pub mod engine;
 pub mod error;
+pub mod layout;
 pub mod namespace;
 pub mod peer;
 pub mod prefetch;

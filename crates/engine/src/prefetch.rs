@@ -1,5 +1,7 @@
 //! Prefetch ahead of the readers of an open file: chunks in order from the
-//! first (time to first byte), jumping to where a reader misses, with a bound
+//! first (time to first byte), jumping to where a reader misses (and first
+//! fetching the rest of the tensor it missed in, see `follow`), or, in a
+//! peer group, in the group's order with a reader's next chunk first; with a bound
 //! on chunks in flight for the whole mount. Room is reserved before a chunk
 //! is fetched: when there is none (the prefetch window is full of chunks
 //! nobody has read, or everything else is pinned) it pauses, fetching
@@ -19,12 +21,15 @@ use crate::engine::{Got, Want};
 use crate::stats::add;
 use crate::Engine;
 
+mod follow;
+
 const NO_HINT: u64 = u64::MAX;
 
 struct Job {
     opens: AtomicUsize,
     hint: AtomicU64,
     wake: Notify,
+    follow: follow::Follow,
 }
 
 pub struct Prefetcher {
@@ -60,6 +65,7 @@ impl Prefetcher {
             opens: AtomicUsize::new(1),
             hint: AtomicU64::new(NO_HINT),
             wake: Notify::new(),
+            follow: follow::Follow::default(),
         });
         jobs.insert(cf.key, job.clone());
         tokio::spawn(run(
@@ -71,11 +77,41 @@ impl Prefetcher {
         PrefetchTicket(job)
     }
 
-    /// A reader missed chunk `i - 1`: prefetch from `i` on.
-    pub fn hint(&self, key: u128, i: u64) {
-        if let Some(job) = self.jobs.lock().get(&key) {
-            job.hint.store(i, SeqCst);
-            job.wake.notify_one();
+    /// A reader missed chunk `i` reading byte `offset`: prefetch the rest of
+    /// its tensor, then on from there.
+    pub fn miss(&self, key: u128, i: u64, offset: u64, chunk_size: u64) {
+        let Some(job) = self.jobs.lock().get(&key).cloned() else {
+            return;
+        };
+        job.hint
+            .store(job.follow.miss(i, offset, chunk_size), SeqCst);
+        job.wake.notify_one();
+    }
+}
+
+/// The background sweep's order over a file's chunks: a permutation and
+/// each chunk's place in it.
+struct Sweep {
+    order: Vec<u64>,
+    place: Vec<usize>,
+    /// The order is the group's (see `Tier::sweep_order`) rather than file order.
+    spread: bool,
+}
+
+impl Sweep {
+    fn new(engine: &Engine, cf: &CacheFile) -> Sweep {
+        let n = cf.n_chunks();
+        let given = engine.sweep_order(&cf.file, n);
+        let spread = given.is_some();
+        let order = given.unwrap_or_else(|| (0..n).collect());
+        let mut place = vec![0; order.len()];
+        for (p, &i) in order.iter().enumerate() {
+            place[i as usize] = p;
+        }
+        Sweep {
+            order,
+            place,
+            spread,
         }
     }
 }
@@ -83,18 +119,37 @@ impl Prefetcher {
 async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Arc<Semaphore>) {
     let store = engine.store().clone();
     let n = cf.n_chunks();
+    let sweep = Sweep::new(&engine, &cf);
+    let len = sweep.order.len();
     let mut dispatched = vec![false; n as usize];
-    let (mut next, mut low) = (0u64, 0u64);
-    // Chunks that found no room, to try again once readers have made some.
-    let retry: Arc<Mutex<Vec<u64>>> = Arc::default();
+    // Places in the sweep's order: where it goes on, and below which
+    // everything was dispatched.
+    let (mut next, mut low) = (0usize, 0usize);
+    // A reader's next chunk, fetched before the sweep goes on.
+    let mut urgent: Option<u64> = None;
+    // Chunks that found no room, to try again once readers have made some
+    // (and whether a reader's miss asked for them).
+    let retry: Arc<Mutex<Vec<(u64, bool)>>> = Arc::default();
     let in_flight = Arc::new(AtomicUsize::new(0));
+    {
+        let (engine, cf, job) = (engine.clone(), cf.clone(), job.clone());
+        tokio::spawn(async move {
+            let open = || job.opens.load(SeqCst) > 0;
+            job.follow.learn(&engine, &cf, open).await
+        });
+    }
     while job.opens.load(SeqCst) > 0 {
         let again = std::mem::take(&mut *retry.lock());
-        if let Some(&first) = again.iter().min() {
-            for i in again {
+        if !again.is_empty() {
+            for &(i, _) in &again {
                 dispatched[i as usize] = false;
             }
-            (next, low) = (first, low.min(first));
+            // Readers' chunks keep their place ahead of the sweep.
+            let (theirs, ours): (Vec<_>, Vec<_>) = again.into_iter().partition(|&(_, r)| r);
+            job.follow.requeue(theirs.into_iter().map(|(i, _)| i));
+            if let Some(first) = ours.into_iter().map(|(i, _)| sweep.place[i as usize]).min() {
+                (next, low) = (first, low.min(first));
+            }
             // Bounded, so that a file closed meanwhile is noticed.
             tokio::select! {
                 _ = store.room_changed(Duration::from_secs(1)) => {}
@@ -104,38 +159,75 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
         }
         let h = job.hint.swap(NO_HINT, SeqCst);
         if h < n {
-            next = h;
-        }
-        let candidate = (next..n).find(|&i| !dispatched[i as usize]).or_else(|| {
-            while low < n && dispatched[low as usize] {
-                low += 1;
+            // In file order the sweep follows the reader. In the group's
+            // order it keeps its place, which spreads the fleet's asks over
+            // the owners, and the reader's chunk just goes first.
+            if sweep.spread {
+                urgent = Some(h);
+            } else {
+                next = sweep.place[h as usize];
             }
-            (low < n).then_some(low)
-        });
-        let Some(i) = candidate else {
+        }
+        // Chunks of the tensor a reader missed in go first, then a reader's
+        // next chunk, then the sweep.
+        let readers = job.follow.next(|i| i >= n || dispatched[i as usize]);
+        let candidate = readers
+            .map(|i| (i, false))
+            .or_else(|| {
+                urgent
+                    .take()
+                    .filter(|&i| !dispatched[i as usize])
+                    .map(|i| (i, false))
+            })
+            .or_else(|| {
+                (next..len)
+                    .map(|p| sweep.order[p])
+                    .find(|&i| !dispatched[i as usize])
+                    .or_else(|| {
+                        while low < len && dispatched[sweep.order[low] as usize] {
+                            low += 1;
+                        }
+                        (low < len).then(|| sweep.order[low])
+                    })
+                    .map(|i| (i, true))
+            });
+        let Some((i, swept)) = candidate else {
             if in_flight.load(SeqCst) == 0 {
                 break;
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), job.wake.notified()).await;
             continue;
         };
-        next = i + 1;
         if store.contains(&cf, i) {
+            if swept {
+                next = sweep.place[i as usize] + 1;
+            }
             dispatched[i as usize] = true;
             continue;
         }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
+        if swept {
+            // While this waited for a permit, readers may have asked for
+            // chunks, or chunks came back for want of room: they go first.
+            if job.follow.pending() || !retry.lock().is_empty() {
+                continue;
+            }
+            next = sweep.place[i as usize] + 1;
+        }
         dispatched[i as usize] = true;
         in_flight.fetch_add(1, SeqCst);
         let (engine, cf, job) = (engine.clone(), cf.clone(), job.clone());
         let (retry, in_flight) = (retry.clone(), in_flight.clone());
         tokio::spawn(async move {
             match engine.fetch(&cf, i, Want::Prefetch).await {
-                Ok(Got::Bytes(_)) => add(&engine.stats().chunks_prefetched, 1),
+                Ok(Got::Bytes(_)) => {
+                    job.follow.fetched(i);
+                    add(&engine.stats().chunks_prefetched, 1)
+                }
                 // Nothing was fetched: try again when there is room.
-                Ok(Got::NoRoom(_)) => retry.lock().push(i),
+                Ok(Got::NoRoom(_)) => retry.lock().push((i, job.follow.wanted(i))),
                 // Readers that need this chunk will get the error themselves.
                 Err(_) => {}
             }

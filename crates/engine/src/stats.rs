@@ -79,6 +79,9 @@ pub struct Stats {
     pub cache_write_errors: AtomicU64,
     pub reads_uncached: AtomicU64,
     pub bytes_uncached: AtomicU64,
+    pub redirects_sent: AtomicU64,
+    pub redirects_followed: AtomicU64,
+    pub chunks_from_holders: AtomicU64,
     pub peers: Mutex<BTreeMap<String, PeerCounters>>,
     pub preload: PreloadProbe,
 }
@@ -131,6 +134,13 @@ pub struct StatsSnapshot {
     pub bytes_uncached: u64,
     /// Chunks that could not be written to the cache (full filesystem, I/O).
     pub cache_write_errors: u64,
+    /// Peer requests this node, a busy owner, answered with holders of the
+    /// chunk instead of the chunk.
+    pub peer_redirects_sent: u64,
+    /// Such answers this node got from owners.
+    pub peer_redirects_followed: u64,
+    /// Chunks this node got from a holder an owner named.
+    pub chunks_from_holders: u64,
     /// `--preload` of a mount or `serve`; null without one.
     #[serde(default)]
     pub preload: Option<PreloadStatus>,
@@ -163,6 +173,9 @@ impl Stats {
         s.reads_uncached = g(&self.reads_uncached);
         s.bytes_uncached = g(&self.bytes_uncached);
         s.cache_write_errors = g(&self.cache_write_errors);
+        s.peer_redirects_sent = g(&self.redirects_sent);
+        s.peer_redirects_followed = g(&self.redirects_followed);
+        s.chunks_from_holders = g(&self.chunks_from_holders);
         s.peers = self.peers.lock().clone();
         s.preload = self.preload.0.lock().as_ref().map(|f| f());
         let (hits, misses) = (g(&self.cache_hits), g(&self.cache_misses));

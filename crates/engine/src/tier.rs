@@ -28,6 +28,12 @@ pub trait Tier: Send + Sync + 'static {
     fn whole_chunks(&self) -> bool {
         true
     }
+    /// The order in which this node should fetch all `n_chunks` chunks of
+    /// `file` (a permutation), when the tier has a say in it: the peer group
+    /// spreads a fleet's nodes over its owners. `None`: file order.
+    fn sweep_order(&self, _file: &FileVersion, _n_chunks: u64) -> Option<Vec<u64>> {
+        None
+    }
     /// Bytes `range` (chunk `index`) of `file`.
     async fn fetch(&self, file: &FileVersion, index: u64, range: Range<u64>) -> Result<Bytes>;
 }

@@ -28,9 +28,10 @@ pub struct CacheArgs {
     /// the cache): what prefetch may fetch that no reader asks for
     #[arg(long, default_value = "1GiB")]
     pub prefetch_window: ByteSize,
-    /// Most bytes fetched and not yet in the cache (at least one chunk): the
-    /// daemon's memory is about 64MiB plus this, whatever the model's size
-    #[arg(long, default_value = "64MiB")]
+    /// Most bytes fetched and not yet in the cache (at least one chunk; two
+    /// chunks more are kept for readers' misses): the daemon's memory is
+    /// about 64MiB plus this, whatever the model's size
+    #[arg(long, default_value = "128MiB")]
     pub max_inflight: ByteSize,
 }
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use modelfs_engine::peer::{
-    self, ChunkAsker, Membership, PeerClient, PeerSpec, PeerTier, TlsAcceptor, TlsFiles, WarmupTier,
+    self, ChunkAsker, Membership, PeerClient, PeerSpec, PeerTier, Redirects, TlsAcceptor, TlsFiles,
+    WarmupTier,
 };
 use modelfs_engine::stats::Stats;
 use modelfs_engine::tier::Tier;
@@ -38,6 +39,10 @@ pub struct GroupArgs {
     /// for the group also gets the origin's budget); the chunk must then come at 1 MiB/s or better
     #[arg(long, default_value_t = 5.0)]
     pub peer_timeout: f64,
+    /// Chunks the peer port sends at once (more wait); past it, an owner names members that
+    /// already hold a chunk to further askers instead (0: one at a time, always naming them)
+    #[arg(long, default_value_t = 4)]
+    pub peer_upload_limit: usize,
     #[command(flatten)]
     pub tls: PeerTlsArgs,
 }
@@ -82,6 +87,7 @@ pub struct Group {
     /// The peer port's TLS, when `--peer-tls-cert` is given.
     acceptor: Option<TlsAcceptor>,
     scheme: &'static str,
+    upload_limit: usize,
 }
 
 impl Group {
@@ -126,7 +132,17 @@ impl Group {
                 // Only a node that asks others needs the CA to check them by.
                 let asks = a.peers.is_some() || a.warmup_service.is_some();
                 let tls = tls.as_ref().filter(|_| asks);
-                PeerClient::new(token.clone(), node.clone(), timeout, origin_budget, tls)
+                // Several nodes of one host (loopback addresses) would all
+                // send from the same address otherwise.
+                let local = a.listen.map(|l| l.ip()).filter(|ip| !ip.is_unspecified());
+                PeerClient::new(
+                    token.clone(),
+                    node.clone(),
+                    timeout,
+                    origin_budget,
+                    tls,
+                    local,
+                )
             })
             .transpose()?;
         if let Some(w) = &a.warmup_service {
@@ -150,6 +166,7 @@ impl Group {
             metrics_listen: a.metrics_listen,
             acceptor,
             scheme: if tls.is_some() { "https" } else { "http" },
+            upload_limit: a.peer_upload_limit,
         })
     }
 
@@ -199,8 +216,12 @@ impl Group {
         let listener = tokio::net::TcpListener::from_std(l)?;
         let (engine, token, node) = (engine.clone(), self.token.clone(), self.node.clone());
         let tls = self.acceptor.clone();
+        let redirects = self.membership.clone().map(|membership| Redirects {
+            membership,
+            upload_limit: self.upload_limit,
+        });
         rt.spawn(async move {
-            if let Err(e) = peer::serve(engine, listener, token, node, tls).await {
+            if let Err(e) = peer::serve(engine, listener, token, node, tls, redirects).await {
                 error!("peer server on {addr} stopped: {e}");
             }
         });

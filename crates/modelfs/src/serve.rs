@@ -55,6 +55,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         warmup_service: None,
         peer_token_file: Some(a.peer_token_file.clone()),
         peer_timeout: 5.0,
+        peer_upload_limit: 0,
         tls: a.tls.clone(),
         metrics_listen: a.metrics_listen,
     };

@@ -1,11 +1,12 @@
 //! Chunk GETs to a peer or the warm-up service, each checked against the
 //! crc32c the server sends.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{CRC_HEADER, NODE_HEADER};
+use super::{CRC_HEADER, HOLDERS_HEADER, NODE_HEADER, REDIRECT_HEADER};
 use crate::{Error, FileVersion, Result};
 
 /// What to ask a peer for.
@@ -19,6 +20,9 @@ pub struct ChunkRequest<'a> {
     pub len: u64,
     /// Answer from the cache or not at all; never fetch.
     pub cached_only: bool,
+    /// A busy owner may answer with holders of the chunk instead
+    /// (`Error::Redirected`).
+    pub may_redirect: bool,
 }
 
 /// The slowest a peer may send a chunk's body once it has answered: a
@@ -28,6 +32,8 @@ pub const MIN_PEER_RATE: u64 = 1 << 20;
 #[derive(Clone)]
 pub struct PeerClient {
     http: reqwest::Client,
+    /// Sends from this node's `--listen` address, to peers of its family.
+    bound: Option<(IpAddr, reqwest::Client)>,
     token: String,
     /// This node's id, sent with every request (see `NODE_HEADER`).
     node: String,
@@ -46,33 +52,59 @@ impl PeerClient {
     /// costs a read at most `timeout (+ origin_budget) + max(timeout, chunk /
     /// MIN_PEER_RATE)` before the next tier.
     /// With `tls`, peers are asked over https and must show a certificate
-    /// of the group's CA.
+    /// of the group's CA. With `local`, requests leave from that address
+    /// (where this node listens), by which an owner knows which member it
+    /// sent a chunk to.
     pub fn new(
         token: String,
         node: String,
         timeout: Duration,
         origin_budget: Duration,
         tls: Option<&super::TlsFiles>,
+        local: Option<IpAddr>,
     ) -> Result<Self> {
-        let mut b = reqwest::Client::builder();
-        if let Some(t) = tls {
-            b = t.client(b)?;
-        }
-        let http = b
-            .connect_timeout(timeout)
-            .pool_max_idle_per_host(32)
-            // Before the server's own idle limit (`HEADER_TIMEOUT`), so a
-            // pooled connection is rarely one the server has just closed.
-            .pool_idle_timeout(super::server::HEADER_TIMEOUT / 2)
-            .build()
-            .map_err(|e| Error::Config(format!("peer client: {e}")))?;
+        let client = |local: Option<IpAddr>| {
+            let mut b = reqwest::Client::builder().local_address(local);
+            if let Some(t) = tls {
+                b = t.client(b)?;
+            }
+            b.connect_timeout(timeout)
+                .pool_max_idle_per_host(32)
+                // Before the server's own idle limit (`HEADER_TIMEOUT`), so a
+                // pooled connection is rarely one the server has just closed.
+                .pool_idle_timeout(super::server::HEADER_TIMEOUT / 2)
+                .build()
+                .map_err(|e| Error::Config(format!("peer client: {e}")))
+        };
+        // A socket bound to one family cannot reach the other: peers of the
+        // other family (and names) are asked from any address.
+        let bound = match local {
+            Some(ip) => Some((ip, client(Some(ip))?)),
+            None => None,
+        };
         Ok(PeerClient {
-            http,
+            http: client(None)?,
+            bound,
             token,
             node,
             timeout,
             origin_budget,
         })
+    }
+
+    /// This node's id (random per start).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn http_for(&self, base: &str) -> &reqwest::Client {
+        let peer = base
+            .split_once("://")
+            .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok());
+        match (&self.bound, peer) {
+            (Some((ip, c)), Some(p)) if ip.is_ipv4() == p.is_ipv4() => c,
+            _ => &self.http,
+        }
     }
 
     fn body_bound(&self, len: u64) -> Duration {
@@ -88,9 +120,11 @@ impl PeerClient {
         let size = file.size.to_string();
         let idx = index.to_string();
         let cs = req.chunk_size.to_string();
-        let resp = self
-            .http
-            .get(format!("{base}/v1/chunk"))
+        let mut get = self.http_for(base).get(format!("{base}/v1/chunk"));
+        if req.may_redirect {
+            get = get.header(REDIRECT_HEADER, "1");
+        }
+        let resp = get
             .query(&[
                 ("object", req.object),
                 ("version", file.version.as_str()),
@@ -125,6 +159,17 @@ impl PeerClient {
                 == Some(self.node.as_str())
         {
             return Err(Error::ToSelf(base.to_string()));
+        }
+        if resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS && req.may_redirect {
+            let holders: Vec<std::net::SocketAddr> = resp
+                .headers()
+                .get(HOLDERS_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.split(',').filter_map(|a| a.trim().parse().ok()).collect())
+                .unwrap_or_default();
+            if !holders.is_empty() {
+                return Err(Error::Redirected(holders));
+            }
         }
         if !resp.status().is_success() {
             return Err(fail(format!("status {}", resp.status())));

@@ -7,12 +7,19 @@
 //! with `Authorization: Bearer <group token>`; the body is the chunk and
 //! `x-modelfs-crc32c` its checksum, which the reader verifies. With
 //! `cached_only=1` a node answers from its cache or 404, and fetches nothing.
+//! An owner already sending `--peer-upload-limit` chunks, asked with
+//! `x-modelfs-redirect: 1`, may answer 429 with `x-modelfs-holders:
+//! addr,addr` instead: members it has sent the chunk to. The asker asks
+//! them with `cached_only=1`, then, if none has it, the owner again without
+//! `x-modelfs-redirect`, which the owner then serves: nothing loops.
 //! Each request carries `x-modelfs-node` (the sender's id); a server that
 //! receives its own id answers 421 at once and the sender treats that
 //! address as itself from then on.
 
 mod client;
+mod holders;
 mod membership;
+mod order;
 mod rendezvous;
 mod server;
 mod tiers;
@@ -20,8 +27,8 @@ mod tls;
 
 pub use client::{ChunkRequest, PeerClient};
 pub use membership::{Membership, PeerSpec};
-pub use rendezvous::{owner, ranked};
-pub use server::serve;
+pub use rendezvous::{owner, ranked, Owners};
+pub use server::{serve, Redirects};
 pub use tiers::{ChunkAsker, PeerTier, WarmupTier};
 pub use tls::{TlsAcceptor, TlsFiles};
 
@@ -30,6 +37,16 @@ pub const CRC_HEADER: &str = "x-modelfs-crc32c";
 /// node that sent it (a node that does not know which member address is its
 /// own) is refused at once instead of waiting on its own single-flight.
 pub const NODE_HEADER: &str = "x-modelfs-node";
+
+/// Sent by an asker that follows redirects to holders (see above).
+pub const REDIRECT_HEADER: &str = "x-modelfs-redirect";
+/// A busy owner's answer: members that hold the chunk.
+pub const HOLDERS_HEADER: &str = "x-modelfs-holders";
+
+/// A chunk's name among the group, the same on every node.
+pub(crate) fn chunk_key(object: &str, version: &str, index: u64) -> String {
+    format!("{object}\0{version}\0{index}")
+}
 
 /// A random id for this node, fresh at every start.
 pub fn new_node_id() -> String {

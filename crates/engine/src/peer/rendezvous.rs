@@ -6,13 +6,34 @@ use std::net::SocketAddr;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+fn seed(m: &SocketAddr) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(m.to_string().as_bytes())
+}
+
 fn weight(key: &[u8], m: &SocketAddr) -> (u64, SocketAddr) {
-    let seed = xxhash_rust::xxh3::xxh3_64(m.to_string().as_bytes());
-    (xxh3_64_with_seed(key, seed), *m)
+    (xxh3_64_with_seed(key, seed(m)), *m)
 }
 
 pub fn owner(key: &[u8], members: &[SocketAddr]) -> Option<SocketAddr> {
     members.iter().max_by_key(|m| weight(key, m)).copied()
+}
+
+/// The members with their seeds worked out once, for asking the owner of
+/// many keys (every chunk of a file) without formatting every address for
+/// each: the same answers as `owner`.
+pub struct Owners(Vec<(u64, SocketAddr)>);
+
+impl Owners {
+    pub fn new(members: &[SocketAddr]) -> Self {
+        Owners(members.iter().map(|m| (seed(m), *m)).collect())
+    }
+
+    pub fn of(&self, key: &[u8]) -> Option<SocketAddr> {
+        self.0
+            .iter()
+            .max_by_key(|(s, m)| (xxh3_64_with_seed(key, *s), *m))
+            .map(|(_, m)| *m)
+    }
 }
 
 /// Members from the owner down: where else a chunk most likely is.
@@ -53,6 +74,8 @@ mod tests {
             }
         }
         assert_eq!(owner(b"x", &[]), None);
+        let owners = Owners::new(&four);
+        assert!(keys.iter().all(|k| owners.of(k) == owner(k, &four)));
         let r = ranked(b"k", &four);
         assert_eq!(r.len(), 4);
         assert_eq!(Some(r[0]), owner(b"k", &four));

@@ -3,12 +3,15 @@
 //! version asked for, so a request can neither read outside the cache nor
 //! make the node cache anything but the source's current files.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::Request;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -16,10 +19,11 @@ use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
-use super::{CRC_HEADER, NODE_HEADER};
+use super::holders::Holders;
+use super::{chunk_key, Membership, CRC_HEADER, HOLDERS_HEADER, NODE_HEADER, REDIRECT_HEADER};
 use crate::stats::add;
 use crate::{Engine, Error, FileVersion};
 
@@ -27,7 +31,38 @@ struct Server {
     engine: Arc<Engine>,
     token: String,
     node: String,
+    redirects: Option<Redirects>,
+    /// Chunk bodies being sent now.
+    uploads: Arc<AtomicUsize>,
+    /// Bounds them, on a member's server.
+    slots: Option<Arc<Semaphore>>,
+    holders: Arc<Holders>,
 }
+
+/// A group member's server: past `upload_limit` chunks being sent at once,
+/// it names members that hold a chunk instead of sending it (see the
+/// module `peer`).
+pub struct Redirects {
+    pub membership: Arc<Membership>,
+    pub upload_limit: usize,
+}
+
+/// Chunks whose holders a server remembers: 64 Ki chunks of 8 MiB are 512
+/// GiB of models, in a few MiB of memory.
+const HOLDERS_REMEMBERED: usize = 1 << 16;
+
+/// A chunk body goes out in pieces this big, so that the upload counts as
+/// in flight until nearly all of it is written (hyper asks for the next
+/// piece only when its buffer has room).
+const PIECE: usize = 256 << 10;
+
+/// How long a request for a cached copy waits for an upload slot: well
+/// within the asker's first-byte timeout (`--peer-timeout`, 5 s by default).
+const CACHED_WAIT: Duration = Duration::from_secs(2);
+
+/// The address the request came from, put in by the accept loop.
+#[derive(Clone, Copy)]
+struct From(SocketAddr);
 
 #[derive(Deserialize)]
 struct ChunkQuery {
@@ -71,11 +106,18 @@ pub async fn serve(
     token: String,
     node: String,
     tls: Option<super::TlsAcceptor>,
+    redirects: Option<Redirects>,
 ) -> std::io::Result<()> {
     let state = Arc::new(Server {
         engine,
         token,
         node,
+        slots: redirects
+            .as_ref()
+            .map(|r| Arc::new(Semaphore::new(r.upload_limit.max(1)))),
+        redirects,
+        uploads: Arc::default(),
+        holders: Arc::new(Holders::new(HOLDERS_REMEMBERED)),
     });
     let app = Router::new()
         .route("/v1/chunk", get(chunk))
@@ -99,7 +141,9 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let svc = hyper_util::service::TowerToHyperService::new(
+            app.clone().layer(axum::Extension(From(from))),
+        );
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
@@ -172,6 +216,7 @@ async fn health(State(s): State<Arc<Server>>, headers: HeaderMap) -> Response {
 
 async fn chunk(
     State(s): State<Arc<Server>>,
+    Extension(From(from)): Extension<From>,
     headers: HeaderMap,
     q: Result<Query<ChunkQuery>, QueryRejection>,
 ) -> Response {
@@ -222,6 +267,22 @@ async fn chunk(
         version: q.version,
         size: q.size,
     };
+    let id = xxhash_rust::xxh3::xxh3_128(chunk_key(&q.object, &file.version, q.index).as_bytes());
+    let asker = s
+        .redirects
+        .as_ref()
+        .and_then(|r| member_at(&r.membership, from));
+    // Only a member's server names holders, and only to askers that follow
+    // such an answer, for requests that may fetch.
+    let may = s.redirects.is_some()
+        && q.cached_only != 1
+        && headers.get(REDIRECT_HEADER).is_some_and(|v| v == "1");
+    let limit = s.redirects.as_ref().map_or(usize::MAX, |r| r.upload_limit);
+    if may && s.uploads.load(SeqCst) >= limit {
+        if let Some(r) = redirect(&s, id, asker) {
+            return r;
+        }
+    }
     let served = if q.cached_only == 1 {
         engine.cached_chunk(&file, q.index)
     } else {
@@ -229,14 +290,147 @@ async fn chunk(
     };
     match served {
         Ok(b) => {
+            let slot = match upload_slot(&s, q.cached_only == 1).await {
+                Slot::Go(p) => p,
+                Slot::Busy => return refuse(StatusCode::NOT_FOUND, "busy uploading"),
+                Slot::Waited(p) => match may.then(|| redirect(&s, id, asker)).flatten() {
+                    Some(r) => return r,
+                    None => Some(p),
+                },
+            };
             add(&engine.stats().chunks_served_to_peers, 1);
             let crc = format!("{:08x}", crc32c::crc32c(&b));
-            (StatusCode::OK, [(CRC_HEADER, crc)], b).into_response()
+            let upload = Upload::start(&s, asker.map(|a| (id, a)), slot, b.len());
+            (StatusCode::OK, [(CRC_HEADER, crc)], upload.body(b)).into_response()
         }
         Err(Error::NotFound(_)) => refuse(StatusCode::NOT_FOUND, "not cached here"),
         Err(e) => {
             debug!("peer request for {} chunk {}: {e}", file.path, q.index);
             refuse(StatusCode::BAD_GATEWAY, &e.to_string())
         }
+    }
+}
+
+/// 429 naming holders of chunk `id` other than `asker`, if any are known.
+fn redirect(s: &Server, id: u128, asker: Option<SocketAddr>) -> Option<Response> {
+    let holders = s.holders.get(id, asker);
+    if holders.is_empty() {
+        return None;
+    }
+    add(&s.engine.stats().redirects_sent, 1);
+    let list: Vec<String> = holders.iter().map(|a| a.to_string()).collect();
+    Some(
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(HOLDERS_HEADER, list.join(","))],
+            "busy: ask these holders first\n",
+        )
+            .into_response(),
+    )
+}
+
+enum Slot {
+    /// Free at once (or no limit: not a member's server).
+    Go(Option<OwnedSemaphorePermit>),
+    /// Had to wait: meanwhile the chunk may have gained holders.
+    Waited(OwnedSemaphorePermit),
+    /// None free soon enough for a request for a cached copy, whose asker
+    /// waits only `--peer-timeout` for the first byte and has the owner or
+    /// the origin to go to.
+    Busy,
+}
+
+/// A member's server sends at most `--peer-upload-limit` chunks at once
+/// (one at least): more at once would each go slower than peers accept
+/// (1 MiB/s) on a busy uplink, and send their askers to the origin. The
+/// rest wait their turn, long since for a chunk the owner fetched.
+async fn upload_slot(s: &Server, cached_only: bool) -> Slot {
+    let Some(slots) = &s.slots else {
+        return Slot::Go(None);
+    };
+    match slots.clone().try_acquire_owned() {
+        Ok(p) => Slot::Go(Some(p)),
+        Err(_) if cached_only => {
+            match tokio::time::timeout(CACHED_WAIT, slots.clone().acquire_owned()).await {
+                Ok(Ok(p)) => Slot::Waited(p),
+                _ => Slot::Busy,
+            }
+        }
+        Err(_) => match slots.clone().acquire_owned().await {
+            Ok(p) => Slot::Waited(p),
+            Err(_) => Slot::Busy,
+        },
+    }
+}
+
+/// The member whose address has the connection's IP, if exactly one has:
+/// where it listens, which a holder is named by. (Its port as a client is
+/// not the one it listens on.)
+fn member_at(m: &Membership, from: SocketAddr) -> Option<SocketAddr> {
+    let ip = from.ip().to_canonical();
+    let mut at = m.live().into_iter().filter(|a| a.ip().to_canonical() == ip);
+    match (at.next(), at.next()) {
+        (Some(a), None) => Some(a),
+        _ => None,
+    }
+}
+
+/// One chunk body being sent: counted in `uploads` until it is done or
+/// dropped, and its asker recorded as a holder only once all of it went out.
+struct Upload {
+    uploads: Arc<AtomicUsize>,
+    /// Dropped with the upload, which gives its slot back.
+    _done: Option<tokio::sync::oneshot::Sender<()>>,
+    holder: Option<(Arc<Holders>, u128, SocketAddr)>,
+}
+
+impl Upload {
+    fn start(
+        s: &Server,
+        holder: Option<(u128, SocketAddr)>,
+        slot: Option<OwnedSemaphorePermit>,
+        len: usize,
+    ) -> Upload {
+        s.uploads.fetch_add(1, SeqCst);
+        // An asker that stops reading would keep its slot for as long as the
+        // connection lives; by this bound it has given up on the chunk
+        // itself (see `PeerClient`), and the slot goes to the next.
+        let bound = HEADER_TIMEOUT
+            + Duration::from_secs_f64(len as f64 / super::client::MIN_PEER_RATE as f64);
+        let done = slot.map(|permit| {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(bound, rx).await;
+                drop(permit);
+            });
+            tx
+        });
+        Upload {
+            _done: done,
+            uploads: s.uploads.clone(),
+            holder: holder.map(|(id, a)| (s.holders.clone(), id, a)),
+        }
+    }
+
+    fn body(self, mut rest: bytes::Bytes) -> Body {
+        Body::from_stream(futures::stream::unfold(Some(self), move |upload| {
+            let piece = rest.split_to(PIECE.min(rest.len()));
+            async move {
+                let upload = upload?;
+                if piece.is_empty() {
+                    if let Some((holders, id, a)) = &upload.holder {
+                        holders.add(*id, *a);
+                    }
+                    return None;
+                }
+                Some((Ok::<_, std::convert::Infallible>(piece), Some(upload)))
+            }
+        }))
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.uploads.fetch_sub(1, SeqCst);
     }
 }

@@ -1,5 +1,6 @@
 //! The peer group and the warm-up service as tiers of the read path.
 
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -9,7 +10,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::{ranked, ChunkRequest, Membership, PeerClient};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{chunk_key, order, ranked, ChunkRequest, Membership, Owners, PeerClient};
 use crate::stats::{add, Stats};
 use crate::tier::{record_fetch, Tier};
 use crate::{Error, FileVersion, Result};
@@ -17,6 +20,17 @@ use crate::{Error, FileVersion, Result};
 /// The object's name that every node shares: its source URL and path.
 fn object(source: &str, file: &FileVersion) -> String {
     format!("{}/{}", source.trim_end_matches('/'), file.path)
+}
+
+/// What a server is asked to do for a chunk it lacks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    /// Fetch it for the group.
+    Fetch,
+    /// Fetch it, or, when busy, name members that hold it.
+    FetchOrHolders,
+    /// Nothing: answer from the cache only.
+    Cached,
 }
 
 /// What both tiers share: how to ask one server for one chunk, and counting
@@ -37,7 +51,7 @@ impl ChunkAsker {
         file: &FileVersion,
         index: u64,
         range: Range<u64>,
-        cached_only: bool,
+        ask: Ask,
     ) -> Result<Bytes> {
         let object = object(&self.source, file);
         let req = ChunkRequest {
@@ -46,7 +60,8 @@ impl ChunkAsker {
             chunk_size: self.chunk_size,
             index,
             len: range.end - range.start,
-            cached_only,
+            cached_only: ask == Ask::Cached,
+            may_redirect: ask == Ask::FetchOrHolders,
         };
         let r = self.client.chunk(base, &req).await;
         match &r {
@@ -55,16 +70,17 @@ impl ChunkAsker {
                 add(&self.stats.crc_failures, 1);
                 self.stats.peer(name, |c| c.crc_failures += 1);
             }
-            Err(Error::NotFound(_) | Error::ToSelf(_)) => {}
+            Err(Error::NotFound(_) | Error::ToSelf(_) | Error::Redirected(_)) => {}
             Err(_) => self.stats.peer(name, |c| c.errors += 1),
         }
         r
     }
 }
 
-/// Any error but a plain miss: the server is backed off for a while.
+/// Any error but a plain miss or a redirect: the server is backed off for a
+/// while.
 fn failed(r: &Result<Bytes>) -> bool {
-    matches!(r, Err(e) if !matches!(e, Error::NotFound(_)))
+    matches!(r, Err(e) if !matches!(e, Error::NotFound(_) | Error::Redirected(_)))
 }
 
 /// Asks the chunk's owner among the live peers.
@@ -89,12 +105,22 @@ impl Tier for PeerTier {
         true
     }
 
+    /// Owned chunks first, then the rest from an offset of this node's own
+    /// for this file (see `order`).
+    fn sweep_order(&self, file: &FileVersion, n_chunks: u64) -> Option<Vec<u64>> {
+        let object = object(&self.asker.source, file);
+        let owners = Owners::new(&self.membership.live());
+        let owned = |i: u64| {
+            owners
+                .of(chunk_key(&object, &file.version, i).as_bytes())
+                .is_some_and(|o| self.membership.is_me(o))
+        };
+        let start = xxh3_64(format!("{}\0{object}", self.asker.client.node()).as_bytes());
+        Some(order::sweep(n_chunks, owned, start))
+    }
+
     async fn fetch(&self, file: &FileVersion, index: u64, range: Range<u64>) -> Result<Bytes> {
-        let key = format!(
-            "{}\0{}\0{index}",
-            object(&self.asker.source, file),
-            file.version
-        );
+        let key = chunk_key(&object(&self.asker.source, file), &file.version, index);
         let ranked = ranked(key.as_bytes(), &self.membership.live());
         // Each pass either answers or learns that one more address is this
         // node's own, so it ends within a pass per member.
@@ -108,20 +134,24 @@ impl Tier for PeerTier {
             // joining a warm group): ask it for its cache only, so no request
             // ever loops back here. Every node ranks the same members, this
             // one under all its addresses, so all agree on the owner.
-            let (peer, cached_only) = if !m.is_me(owner) {
-                (owner, false)
+            let (peer, ask) = if !m.is_me(owner) {
+                (owner, Ask::FetchOrHolders)
             } else if let Some(&other) = ranked.iter().find(|a| !m.is_me(**a)) {
-                (other, true)
+                (other, Ask::Cached)
             } else {
                 return Err(Error::Unavailable("this node owns the chunk".into()));
             };
-            let name = peer.to_string();
-            let base = format!("{}://{name}", self.scheme);
             let t = Instant::now();
-            let r = self
-                .asker
-                .ask(&base, &name, file, index, range.clone(), cached_only)
-                .await;
+            let mut r = self.ask(peer, file, index, &range, ask).await;
+            if let Err(Error::Redirected(holders)) = r {
+                add(&self.asker.stats.redirects_followed, 1);
+                r = match self.ask_holders(&holders, file, index, &range).await {
+                    Some(b) => Ok(b),
+                    // None had it: the owner again, which now sends it
+                    // itself, so a redirect happens once per fetch at most.
+                    None => self.ask(peer, file, index, &range, Ask::Fetch).await,
+                };
+            }
             record_fetch("peer", t, &r);
             if let Err(Error::ToSelf(_)) = r {
                 m.mark_self(peer);
@@ -135,6 +165,50 @@ impl Tier for PeerTier {
         Err(Error::Unavailable(
             "every peer address is this node's own".into(),
         ))
+    }
+}
+
+impl PeerTier {
+    async fn ask(
+        &self,
+        peer: SocketAddr,
+        file: &FileVersion,
+        index: u64,
+        range: &Range<u64>,
+        ask: Ask,
+    ) -> Result<Bytes> {
+        let name = peer.to_string();
+        let base = format!("{}://{name}", self.scheme);
+        self.asker
+            .ask(&base, &name, file, index, range.clone(), ask)
+            .await
+    }
+
+    /// The chunk from the first of `holders` that has it cached. Only live
+    /// members other than this node are asked: a holder list is a peer's
+    /// word, and this node's token goes nowhere else.
+    async fn ask_holders(
+        &self,
+        holders: &[SocketAddr],
+        file: &FileVersion,
+        index: u64,
+        range: &Range<u64>,
+    ) -> Option<Bytes> {
+        let m = &self.membership;
+        let live = m.live();
+        for &h in holders.iter().filter(|h| live.contains(h) && !m.is_me(**h)) {
+            let r = self.ask(h, file, index, range, Ask::Cached).await;
+            match r {
+                Ok(b) => {
+                    add(&self.asker.stats.chunks_from_holders, 1);
+                    return Some(b);
+                }
+                Err(Error::ToSelf(_)) => m.mark_self(h),
+                Err(_) if failed(&r) => m.back_off(h),
+                Err(_) => {}
+            }
+        }
+        None
     }
 }
 
@@ -166,7 +240,7 @@ impl Tier for WarmupTier {
         let t = Instant::now();
         let r = self
             .asker
-            .ask(&self.base, &self.base, file, index, range, false)
+            .ask(&self.base, &self.base, file, index, range, Ask::Fetch)
             .await;
         record_fetch("warmup", t, &r);
         // A miss at the warm-up service (it serves other models) is no failure.
