@@ -28,6 +28,7 @@ pub fn keep_idle(bytes: usize) {
 static TAKEN: AtomicU64 = AtomicU64::new(0);
 static TRIMMER: AtomicBool = AtomicBool::new(false);
 const TRIM_AFTER: Duration = Duration::from_secs(10);
+const MIN_POOLED: usize = 1 << 20;
 
 /// Once nothing has been fetched for a while, gives the idle buffers and
 /// what the allocator kept of freed ones back to the system: a loaded model
@@ -62,7 +63,13 @@ pub fn take(cap: usize) -> Vec<u8> {
     TAKEN.fetch_add(1, Ordering::Relaxed);
     start_trimmer();
     let mut idle = IDLE.lock();
-    if let Some(at) = idle.0.iter().position(|v| v.capacity() >= cap) {
+    // A buffer far larger than asked would hold memory the budget does not
+    // count: only one of at most twice the size is reused.
+    if let Some(at) = idle
+        .0
+        .iter()
+        .position(|v| v.capacity() >= cap && v.capacity() / 2 <= cap)
+    {
         let v = idle.0.swap_remove(at);
         idle.1 -= v.capacity();
         return v;
@@ -88,6 +95,11 @@ impl Drop for Recycled {
     fn drop(&mut self) {
         let mut v = std::mem::take(&mut self.0);
         v.clear();
+        // Small buffers (pieces read past a full cache) are cheap to make
+        // and would crowd the pool.
+        if v.capacity() < MIN_POOLED {
+            return;
+        }
         let mut idle = IDLE.lock();
         if idle.1 + v.capacity() <= IDLE_LIMIT.load(Ordering::Relaxed) {
             idle.1 += v.capacity();
@@ -159,15 +171,15 @@ mod tests {
 
     #[test]
     fn a_recycled_buffer_comes_back_empty() {
-        keep_idle(1 << 20);
-        let mut v = take(1 << 16);
-        v.extend_from_slice(&[7; 1 << 16]);
+        keep_idle(4 << 20);
+        let mut v = take(1 << 20);
+        v.extend_from_slice(&[7; 1 << 20]);
         let b = freeze(v);
         let c = b.slice(10..20);
         drop(b);
         assert_eq!(&c[..], &[7; 10]);
         drop(c);
-        let v = take(1 << 16);
-        assert!(v.is_empty() && v.capacity() >= 1 << 16);
+        let v = take(1 << 20);
+        assert!(v.is_empty() && v.capacity() >= 1 << 20);
     }
 }

@@ -243,11 +243,12 @@ impl Engine {
             Got::NoRoom(_) => {
                 let base = cf.chunk_range(i).start;
                 let range = base + rel.start..base + rel.end;
-                let budget = self.budget(range.end - range.start, true).await?;
-                let b = self.fetch_from_tiers(&cf.file, i, range, true).await?;
+                let b = self
+                    .fetch_from_tiers(&cf.file, i, range, true, true)
+                    .await?;
                 add(&self.stats.reads_uncached, 1);
                 add(&self.stats.bytes_uncached, b.len() as u64);
-                Ok(held(b, budget))
+                Ok(b)
             }
         }
     }
@@ -278,13 +279,12 @@ impl Engine {
     }
 
     async fn fetch_uncached(&self, cf: &CacheFile, i: u64) -> Result<Got> {
-        let budget = self.budget(cf.chunk_len(i), false).await?;
         let b = self
-            .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), false)
+            .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), false, false)
             .await?;
         add(&self.stats.reads_uncached, 1);
         add(&self.stats.bytes_uncached, b.len() as u64);
-        Ok(Got::Bytes(held(b, budget)))
+        Ok(Got::Bytes(b))
     }
 
     async fn flight(self: &Arc<Self>, cf: &Arc<CacheFile>, i: u64, want: Want) -> Result<Got> {
@@ -303,14 +303,19 @@ impl Engine {
                     Reserve::Room(r) => Some(r),
                     Reserve::Busy | Reserve::NoRoom => return Ok(Got::NoRoom(want)),
                 };
-                let budget = engine.budget(cf.chunk_len(i), want == Want::Read).await?;
                 let bytes = engine
-                    .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), want == Want::Peer)
+                    .fetch_from_tiers(
+                        &cf.file,
+                        i,
+                        cf.chunk_range(i),
+                        want == Want::Peer,
+                        want == Want::Read,
+                    )
                     .await?;
                 if let Some(r) = room {
                     engine.store.commit(r, &bytes);
                 }
-                Ok(Got::Bytes(held(bytes, budget)))
+                Ok(Got::Bytes(bytes))
             })
             .await
     }
@@ -326,7 +331,10 @@ impl Engine {
     /// what was fetched with it is dropped (see [`held`]). A reader's miss
     /// takes whichever comes first, the budget or the readers' reserve.
     async fn budget(&self, len: u64, reader: bool) -> Result<OwnedSemaphorePermit> {
-        let len = len.min(self.cfg.chunk_size).min(self.inflight_limit()) as u32;
+        let len = len
+            .min(self.cfg.chunk_size)
+            .min(self.inflight_limit())
+            .min(u32::MAX as u64) as u32;
         let budget = self.inflight.clone().acquire_many_owned(len);
         let permit = if reader {
             tokio::select! {
@@ -342,12 +350,18 @@ impl Engine {
 
     /// Bytes `range` of `file` (within chunk `index`) from the first tier
     /// that answers. Tiers that deal in whole chunks are asked for the chunk.
+    /// Only the origin's answer takes the in-flight budget: a node waiting
+    /// on a peer must not hold budget that peer's own fetch for it may be
+    /// waiting for on its side (two nodes would each hold what the other
+    /// needs until the peer timeout). What comes from peers is bounded by
+    /// the flights that ask for it.
     async fn fetch_from_tiers(
         &self,
         file: &FileVersion,
         index: u64,
         range: Range<u64>,
         skip_peers: bool,
+        reader: bool,
     ) -> Result<Bytes> {
         let last = self.tiers.len() - 1;
         let chunk = {
@@ -366,8 +380,17 @@ impl Engine {
             } else {
                 range.clone()
             };
+            let budget = if n == last {
+                Some(self.budget(ask.end - ask.start, reader).await?)
+            } else {
+                None
+            };
             match tier.fetch(file, index, ask.clone()).await {
                 Ok(b) => {
+                    let b = match budget {
+                        Some(budget) => held(b, budget),
+                        None => b,
+                    };
                     add(tier.counter(&self.stats), b.len() as u64);
                     let (from, to) = (range.start - ask.start, range.end - ask.start);
                     if to as usize > b.len() {
@@ -410,7 +433,9 @@ impl Engine {
         // A node with no room to keep the chunk does not fetch it for the
         // group: the asker goes to the next tier itself.
         match self.fetch(&cf, i, Want::Peer).await? {
-            Got::Bytes(b) => Ok(b),
+            // The upload may last as long as the asker's connection: it gets
+            // its own copy, so it never holds the fetch's budget or buffer.
+            Got::Bytes(b) => Ok(Bytes::copy_from_slice(&b)),
             Got::NoRoom(_) => Err(Error::NotFound(format!("{} chunk {i}: no room", file.path))),
         }
     }

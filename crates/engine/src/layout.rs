@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 /// The most header read to find a layout (the safetensors spec's own limit on
 /// its header); a larger one is no layout rather than unbounded memory.
@@ -93,7 +94,9 @@ fn safetensors(prefix: &[u8], file_size: u64) -> Parsed {
     if json.first() != Some(&b'{') {
         return Parsed::Unknown;
     }
-    let Ok(map) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(json) else {
+    // Values stay unparsed slices of the header: a `Value` tree of a 100 MiB
+    // hostile header (`[0,0,...]`) would take gigabytes.
+    let Ok(map) = serde_json::from_slice::<BTreeMap<String, &RawValue>>(json) else {
         return Parsed::Unknown;
     };
     let mut ranges = Vec::with_capacity(map.len());
@@ -103,7 +106,7 @@ fn safetensors(prefix: &[u8], file_size: u64) -> Parsed {
         }
         let Ok(StInfo {
             data_offsets: (a, b),
-        }) = StInfo::deserialize(v)
+        }) = serde_json::from_str::<StInfo>(v.get())
         else {
             return Parsed::Unknown;
         };

@@ -192,7 +192,9 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
                     .map(|i| (i, true))
             });
         let Some((i, swept)) = candidate else {
-            if in_flight.load(SeqCst) == 0 {
+            // A last fetch may have found no room after `retry` was taken
+            // above: it pushes before it leaves `in_flight`.
+            if in_flight.load(SeqCst) == 0 && retry.lock().is_empty() {
                 break;
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), job.wake.notified()).await;

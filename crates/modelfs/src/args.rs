@@ -28,11 +28,12 @@ pub struct CacheArgs {
     /// the cache): what prefetch may fetch that no reader asks for
     #[arg(long, default_value = "1GiB")]
     pub prefetch_window: ByteSize,
-    /// Most bytes fetched and not yet in the cache (at least one chunk; two
-    /// chunks more are kept for readers' misses): the daemon's memory is
-    /// about 64MiB plus this, whatever the model's size
-    #[arg(long, default_value = "128MiB")]
-    pub max_inflight: ByteSize,
+    /// Most bytes fetched from the origin and not yet in the cache (at least
+    /// one chunk; two chunks more are kept for readers' misses): the daemon's
+    /// memory is about 64MiB plus this, whatever the model's size. Default:
+    /// the prefetch concurrency times the chunk size
+    #[arg(long)]
+    pub max_inflight: Option<ByteSize>,
 }
 
 impl CacheArgs {
@@ -52,7 +53,10 @@ impl CacheArgs {
             prefetch_concurrency,
             prefetch_window: self.prefetch_window.0,
             listing_ttl: secs(self.listing_ttl, "--listing-ttl")?,
-            max_inflight: self.max_inflight.0,
+            max_inflight: self.max_inflight.map_or_else(
+                || (prefetch_concurrency.max(1) as u64).saturating_mul(self.chunk_size.0),
+                |b| b.0,
+            ),
         })
     }
 }

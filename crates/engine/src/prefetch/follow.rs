@@ -66,11 +66,15 @@ impl Follow {
         let Some(t) = self.layout.get().and_then(|l| l.tensor_at(offset)) else {
             return i + 1;
         };
-        let (first, last) = (t.start / chunk_size, (t.end - 1) / chunk_size);
+        // A tensor may span the whole file (a hostile header, GGUF's last
+        // tensor): at most a queue's worth either side, so a miss costs O(1).
+        let cap = MAX_TARGETS as u64;
+        let first = (t.start / chunk_size).max(i.saturating_sub(cap));
+        let last = ((t.end - 1) / chunk_size).min(i.saturating_add(cap));
         debug!(chunk = i, first, last, "miss inside a tensor");
         self.targets
             .lock()
-            .push_front((i + 1..=last).chain((first..i).rev()));
+            .push_front((i + 1..last + 1).chain((first..i).rev()));
         last + 1
     }
 
