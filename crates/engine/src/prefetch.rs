@@ -24,6 +24,8 @@ use crate::Engine;
 mod follow;
 
 const NO_HINT: u64 = u64::MAX;
+/// Chunks after a reader's miss fetched ahead of a group's sweep order.
+const LOOKAHEAD: u64 = 4;
 
 struct Job {
     opens: AtomicUsize,
@@ -101,7 +103,12 @@ struct Sweep {
 impl Sweep {
     fn new(engine: &Engine, cf: &CacheFile) -> Sweep {
         let n = cf.n_chunks();
-        let given = engine.sweep_order(&cf.file, n);
+        // Only a file the window holds whole: in an order of its own, a
+        // larger one would fill the window with chunks far from its reader
+        // and leave the reader to fetch its own, one at a time.
+        let cfg = engine.config();
+        let fits = cf.file.size <= cfg.prefetch_window.min(cfg.cache_capacity / 2);
+        let given = fits.then(|| engine.sweep_order(&cf.file, n)).flatten();
         let spread = given.is_some();
         let order = given.unwrap_or_else(|| (0..n).collect());
         let mut place = vec![0; order.len()];
@@ -125,8 +132,8 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
     // Places in the sweep's order: where it goes on, and below which
     // everything was dispatched.
     let (mut next, mut low) = (0usize, 0usize);
-    // A reader's next chunk, fetched before the sweep goes on.
-    let mut urgent: Option<u64> = None;
+    // A reader's next chunks, fetched before the sweep goes on.
+    let mut urgent = 0..0u64;
     // Chunks that found no room, to try again once readers have made some
     // (and whether a reader's miss asked for them).
     let retry: Arc<Mutex<Vec<(u64, bool)>>> = Arc::default();
@@ -163,7 +170,7 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
             // order it keeps its place, which spreads the fleet's asks over
             // the owners, and the reader's chunk just goes first.
             if sweep.spread {
-                urgent = Some(h);
+                urgent = h..(h + LOOKAHEAD).min(n);
             } else {
                 next = sweep.place[h as usize];
             }
@@ -175,8 +182,7 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
             .map(|i| (i, false))
             .or_else(|| {
                 urgent
-                    .take()
-                    .filter(|&i| !dispatched[i as usize])
+                    .find(|&i| !dispatched[i as usize])
                     .map(|i| (i, false))
             })
             .or_else(|| {

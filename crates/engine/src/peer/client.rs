@@ -76,8 +76,12 @@ impl PeerClient {
                 .build()
                 .map_err(|e| Error::Config(format!("peer client: {e}")))
         };
-        // A socket bound to one family cannot reach the other: peers of the
-        // other family (and names) are asked from any address.
+        // Several nodes on one host's loopback addresses would all ask from
+        // 127.0.0.1, and owners could not tell which member they served: there
+        // requests go out from the --listen address. Elsewhere the kernel picks
+        // (a pod's or host's own address is what owners see anyway), since a
+        // socket bound to a loopback, link-local or policy-routed address may
+        // not reach the peer at all; names and the other family go unbound.
         let bound = match local {
             Some(ip) => Some((ip, client(Some(ip))?)),
             None => None,
@@ -102,7 +106,11 @@ impl PeerClient {
             .split_once("://")
             .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok());
         match (&self.bound, peer) {
-            (Some((ip, c)), Some(p)) if ip.is_ipv4() == p.is_ipv4() => c,
+            (Some((ip, c)), Some(p))
+                if ip.is_loopback() && p.ip().is_loopback() && ip.is_ipv4() == p.is_ipv4() =>
+            {
+                c
+            }
             _ => &self.http,
         }
     }

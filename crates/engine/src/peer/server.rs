@@ -56,9 +56,10 @@ const HOLDERS_REMEMBERED: usize = 1 << 16;
 /// piece only when its buffer has room).
 const PIECE: usize = 256 << 10;
 
-/// How long a request for a cached copy waits for an upload slot: well
-/// within the asker's first-byte timeout (`--peer-timeout`, 5 s by default).
-const CACHED_WAIT: Duration = Duration::from_secs(2);
+/// How long a request waits for an upload slot before it is sent anyway:
+/// well within the asker's first-byte timeout (`--peer-timeout`, 5 s by
+/// default).
+const SLOT_WAIT: Duration = Duration::from_secs(2);
 
 /// The address the request came from, put in by the accept loop.
 #[derive(Clone, Copy)]
@@ -290,12 +291,11 @@ async fn chunk(
     };
     match served {
         Ok(b) => {
-            let slot = match upload_slot(&s, q.cached_only == 1).await {
+            let slot = match upload_slot(&s).await {
                 Slot::Go(p) => p,
-                Slot::Busy => return refuse(StatusCode::NOT_FOUND, "busy uploading"),
                 Slot::Waited(p) => match may.then(|| redirect(&s, id, asker)).flatten() {
                     Some(r) => return r,
-                    None => Some(p),
+                    None => p,
                 },
             };
             add(&engine.stats().chunks_served_to_peers, 1);
@@ -332,34 +332,30 @@ fn redirect(s: &Server, id: u128, asker: Option<SocketAddr>) -> Option<Response>
 enum Slot {
     /// Free at once (or no limit: not a member's server).
     Go(Option<OwnedSemaphorePermit>),
-    /// Had to wait: meanwhile the chunk may have gained holders.
-    Waited(OwnedSemaphorePermit),
-    /// None free soon enough for a request for a cached copy, whose asker
-    /// waits only `--peer-timeout` for the first byte and has the owner or
-    /// the origin to go to.
-    Busy,
+    /// Had to wait (meanwhile the chunk may have gained holders), and got a
+    /// slot, or waited its bound and goes without one.
+    Waited(Option<OwnedSemaphorePermit>),
 }
 
 /// A member's server sends at most `--peer-upload-limit` chunks at once
 /// (one at least): more at once would each go slower than peers accept
 /// (1 MiB/s) on a busy uplink, and send their askers to the origin. The
-/// rest wait their turn, long since for a chunk the owner fetched.
-async fn upload_slot(s: &Server, cached_only: bool) -> Slot {
+/// rest wait their turn, but only `SLOT_WAIT`: then they are sent anyway.
+/// A queue without a bound would outlast the asker's first-byte timeout, and
+/// a "busy" answer would send a joining node to the origin; both cost the
+/// origin a chunk the group has.
+async fn upload_slot(s: &Server) -> Slot {
     let Some(slots) = &s.slots else {
         return Slot::Go(None);
     };
     match slots.clone().try_acquire_owned() {
         Ok(p) => Slot::Go(Some(p)),
-        Err(_) if cached_only => {
-            match tokio::time::timeout(CACHED_WAIT, slots.clone().acquire_owned()).await {
-                Ok(Ok(p)) => Slot::Waited(p),
-                _ => Slot::Busy,
-            }
-        }
-        Err(_) => match slots.clone().acquire_owned().await {
-            Ok(p) => Slot::Waited(p),
-            Err(_) => Slot::Busy,
-        },
+        Err(_) => Slot::Waited(
+            tokio::time::timeout(SLOT_WAIT, slots.clone().acquire_owned())
+                .await
+                .ok()
+                .and_then(Result::ok),
+        ),
     }
 }
 

@@ -195,8 +195,18 @@ impl PeerTier {
         range: &Range<u64>,
     ) -> Option<Bytes> {
         let m = &self.membership;
-        let live = m.live();
-        for &h in holders.iter().filter(|h| live.contains(h) && !m.is_me(**h)) {
+        let mut asked = Vec::with_capacity(super::holders::PER_CHUNK);
+        for &h in holders {
+            // The list is another member's word: each address once, a few at
+            // most, and only members still live now (one may have been backed
+            // off by the ask before).
+            if asked.len() == super::holders::PER_CHUNK || asked.contains(&h) {
+                continue;
+            }
+            if !m.live().contains(&h) || m.is_me(h) {
+                continue;
+            }
+            asked.push(h);
             let r = self.ask(h, file, index, range, Ask::Cached).await;
             match r {
                 Ok(b) => {
