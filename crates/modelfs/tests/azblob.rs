@@ -51,15 +51,7 @@ fn push_and_mount_azure_blob() {
         "python azure-storage-blob is required (./test.sh installs it)"
     );
 
-    let out = run(&[
-        "synth",
-        w.src().to_str().unwrap(),
-        "--size",
-        "48MiB",
-        "--files",
-        "2",
-    ]);
-    assert!(out.status.success());
+    w.synth("48MiB", 2);
     let az = |args: &[&str]| {
         Command::new(bin())
             .args(args)

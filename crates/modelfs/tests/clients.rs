@@ -47,19 +47,7 @@ fn python_safetensors_lazy_mmap_load_matches_the_source() {
 #[test]
 fn safetensors_crate_loads_a_synthetic_model_through_the_mount() {
     let w = Work::new();
-    let out = run(&[
-        "synth",
-        w.src().to_str().unwrap(),
-        "--size",
-        "96MiB",
-        "--files",
-        "3",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    w.synth("96MiB", 3);
     let m = w.mount(&[]);
     let mut shards = 0;
     for e in std::fs::read_dir(w.src()).unwrap() {

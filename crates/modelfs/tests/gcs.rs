@@ -72,15 +72,7 @@ fn files_under(dir: &Path, out: &mut Vec<String>, root: &Path) {
 #[test]
 fn gs_mounts_through_the_emulator_and_serves_every_byte() {
     let w = Work::new();
-    let out = run(&[
-        "synth",
-        w.src().to_str().unwrap(),
-        "--size",
-        "24MiB",
-        "--files",
-        "2",
-    ]);
-    assert!(out.status.success());
+    w.synth("24MiB", 2);
     write_file(&w.src().join("tokenizer/vocab.bin"), 70_001, 5);
     upload(&w.src(), "qwen");
     let env = [("STORAGE_EMULATOR_HOST".to_string(), emulator().to_string())];

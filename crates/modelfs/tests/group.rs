@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use common::s3::{garage, spawn_for_process};
+use common::s3::{garage, s3_model, spawn_for_process};
 use common::*;
 
 /// A node: its own mount point and cache, serving chunks on 127.0.0.N.
@@ -51,49 +51,15 @@ impl Node {
 
 /// Every shard through every node at once; all bytes compared.
 fn load_all(src: &std::path::Path, nodes: &[&Node]) {
-    let names: Vec<String> = std::fs::read_dir(src)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    let mut kids = vec![];
-    for n in nodes {
-        for name in &names {
-            kids.push(
-                Command::new("cmp")
-                    .arg(src.join(name))
-                    .arg(n.m().path(name))
-                    .spawn()
-                    .unwrap(),
-            );
-        }
-    }
-    for mut k in kids {
-        assert!(k.wait().unwrap().success(), "a node read different bytes");
-    }
-}
-
-fn model(w: &Work, url: &str, size: &str) -> u64 {
-    let out = run(&[
-        "synth",
-        w.src().to_str().unwrap(),
-        "--size",
-        size,
-        "--files",
-        "2",
-    ]);
-    assert!(out.status.success());
-    garage().push(&w.src(), url);
-    std::fs::read_dir(w.src())
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum()
+    let mounts: Vec<&Mount> = nodes.iter().map(|n| n.m()).collect();
+    cmp_all(src, &mounts);
 }
 
 #[test]
 fn four_cold_nodes_read_the_origin_once_and_a_fifth_not_at_all() {
     let w = Work::new();
     let url = "s3://models/group-four";
-    let total = model(&w, url, "96MiB");
+    let total = s3_model(&w, url, "96MiB");
     let token = token_file(w.dir.path());
     let port = free_port();
     let addrs: Vec<String> = (1..=5).map(|i| format!("127.0.0.{i}:{port}")).collect();
@@ -132,7 +98,7 @@ fn four_cold_nodes_read_the_origin_once_and_a_fifth_not_at_all() {
 #[test]
 fn a_preloaded_warmup_service_leaves_the_origin_alone() {
     let w = Work::new();
-    let total = model(&w, "s3://models/warm/qwen", "64MiB");
+    let total = s3_model(&w, "s3://models/warm/qwen", "64MiB");
     let token = token_file(w.dir.path());
     let g = garage();
     let listen = format!("127.0.0.20:{}", free_port());
@@ -193,7 +159,7 @@ fn a_preloaded_warmup_service_leaves_the_origin_alone() {
 fn a_peer_killed_mid_load_does_not_stop_the_others() {
     let w = Work::new();
     let url = "s3://models/group-kill";
-    model(&w, url, "128MiB");
+    s3_model(&w, url, "128MiB");
     let token = token_file(w.dir.path());
     let port = free_port();
     let addrs: Vec<String> = (1..=3)
@@ -269,7 +235,7 @@ fn lying_peer() -> String {
 fn a_lying_peer_is_detected_counted_and_never_served() {
     let w = Work::new();
     let url = "s3://models/group-liar";
-    let total = model(&w, url, "48MiB");
+    let total = s3_model(&w, url, "48MiB");
     let token = token_file(w.dir.path());
     let liar = lying_peer();
     let me = format!("127.0.0.31:{}", free_port());
@@ -306,7 +272,7 @@ fn http(addr: &str, req: &str) -> String {
 fn requests_need_the_token_and_stay_inside_the_source() {
     let w = Work::new();
     let url = "s3://models/group-auth";
-    model(&w, url, "16MiB");
+    s3_model(&w, url, "16MiB");
     let token = token_file(w.dir.path());
     let addr = format!("127.0.0.40:{}", free_port());
     let _n = node(url, Some(addr.clone()), Some(&addr), None, &token);

@@ -127,19 +127,7 @@ fn shuffle<T>(v: &mut [T], mut seed: u64) {
 #[test]
 fn a_lazy_load_in_random_tensor_order_reads_every_tensor_right_and_each_byte_once() {
     let w = Work::new();
-    let out = run(&[
-        "synth",
-        w.src().to_str().unwrap(),
-        "--size",
-        "96MiB",
-        "--files",
-        "3",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    w.synth("96MiB", 3);
     // The cache holds two shards of three, with a 16 MiB prefetch window.
     let m = w.mount(&["--cache-size", "80MiB", "--prefetch-window", "16MiB"]);
     let mut shards: Vec<_> = std::fs::read_dir(w.src())

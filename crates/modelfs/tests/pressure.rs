@@ -541,15 +541,7 @@ fn sha256_of_tar(dir: &Path) -> String {
 #[test]
 fn real_clients_over_a_model_bigger_than_the_cache() {
     let w = Work::new();
-    let out = run(&[
-        "synth",
-        w.src().to_str().unwrap(),
-        "--size",
-        "300MiB",
-        "--files",
-        "3",
-    ]);
-    assert!(out.status.success(), "synth: {}", stderr_of(&out));
+    w.synth("300MiB", 3);
     let mut files: Vec<(String, u64)> = std::fs::read_dir(w.src())
         .unwrap()
         .map(|e| e.unwrap())

@@ -19,15 +19,7 @@ fn py_script() -> String {
 fn push_then_mount_serves_every_byte() {
     let g = garage();
     let w = Work::new();
-    let out = run(&[
-        "synth",
-        w.src().to_str().unwrap(),
-        "--size",
-        "64MiB",
-        "--files",
-        "2",
-    ]);
-    assert!(out.status.success());
+    w.synth("64MiB", 2);
     std::fs::create_dir_all(w.src().join("np")).unwrap();
     let st = Command::new("python3")
         .args([&py_script(), "make", w.src().join("np").to_str().unwrap()])

@@ -4,9 +4,7 @@
 //! the origin.
 mod common;
 
-use std::process::Command;
-
-use common::s3::garage;
+use common::s3::s3_model;
 use common::*;
 
 /// A node: its own mount point and cache, serving chunks on `listen`.
@@ -35,47 +33,6 @@ fn node(url: &str, listen: &str, peers: &str, token: &std::path::Path, extra: &[
     }
 }
 
-/// A model of two files in Garage at `url`; its size.
-fn model(w: &Work, url: &str, size: &str) -> u64 {
-    let out = run(&[
-        "synth",
-        w.src().to_str().unwrap(),
-        "--size",
-        size,
-        "--files",
-        "2",
-    ]);
-    assert!(out.status.success());
-    garage().push(&w.src(), url);
-    std::fs::read_dir(w.src())
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum()
-}
-
-/// Every file through every node at once; all bytes compared.
-fn load_all(src: &std::path::Path, nodes: &[&Node]) {
-    let names: Vec<String> = std::fs::read_dir(src)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    let mut kids = vec![];
-    for n in nodes {
-        for name in &names {
-            kids.push(
-                Command::new("cmp")
-                    .arg(src.join(name))
-                    .arg(n.mount.path(name))
-                    .spawn()
-                    .unwrap(),
-            );
-        }
-    }
-    for mut k in kids {
-        assert!(k.wait().unwrap().success(), "a node read different bytes");
-    }
-}
-
 fn sum(nodes: &[Node], key: &str) -> u64 {
     nodes.iter().map(|n| n.mount.stat_u64(key)).sum()
 }
@@ -87,22 +44,35 @@ fn from_peer(n: &Node, addr: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A model of `size` at `url` and `n` nodes on 127.0.0.(`base` + i), each
+/// with `--peer-upload-limit 0` (an owner that knows a holder always names
+/// it): the model's bytes, the nodes' addresses and the nodes.
+fn group(w: &Work, url: &str, size: &str, n: u8, base: u8) -> (u64, Vec<String>, Vec<Node>) {
+    let total = s3_model(w, url, size);
+    let token = token_file(w.dir.path());
+    let port = free_port();
+    let addrs: Vec<String> = (1..=n)
+        .map(|i| format!("127.0.0.{}:{port}", base + i))
+        .collect();
+    let all = addrs.join(",");
+    let nodes = addrs
+        .iter()
+        .map(|a| node(url, a, &all, &token, &["--peer-upload-limit", "0"]))
+        .collect();
+    (total, addrs, nodes)
+}
+
+/// Every shard through every node at once; all bytes compared.
+fn load_all(src: &std::path::Path, nodes: &[&Node]) {
+    let mounts: Vec<&Mount> = nodes.iter().map(|n| &n.mount).collect();
+    cmp_all(src, &mounts);
+}
+
 #[test]
 fn a_busy_owner_sends_the_next_asker_to_the_node_it_served() {
     let w = Work::new();
     let url = "s3://models/spread-three";
-    let total = model(&w, url, "48MiB");
-    let token = token_file(w.dir.path());
-    let port = free_port();
-    let addrs: Vec<String> = (1..=3)
-        .map(|i| format!("127.0.0.{}:{port}", 30 + i))
-        .collect();
-    let all = addrs.join(",");
-    // Limit 0: an owner that knows a holder always names it.
-    let nodes: Vec<Node> = addrs
-        .iter()
-        .map(|a| node(url, a, &all, &token, &["--peer-upload-limit", "0"]))
-        .collect();
+    let (total, addrs, nodes) = group(&w, url, "48MiB", 3, 30);
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     load_all(&w.src(), &[b]);
     let a_sent = a.mount.stat_u64("chunks_served_to_peers");
@@ -123,17 +93,7 @@ fn a_busy_owner_sends_the_next_asker_to_the_node_it_served() {
 fn a_holder_that_is_gone_sends_the_asker_back_to_the_owner() {
     let w = Work::new();
     let url = "s3://models/spread-gone";
-    let total = model(&w, url, "48MiB");
-    let token = token_file(w.dir.path());
-    let port = free_port();
-    let addrs: Vec<String> = (1..=3)
-        .map(|i| format!("127.0.0.{}:{port}", 40 + i))
-        .collect();
-    let all = addrs.join(",");
-    let mut nodes: Vec<Node> = addrs
-        .iter()
-        .map(|a| node(url, a, &all, &token, &["--peer-upload-limit", "0"]))
-        .collect();
+    let (total, addrs, mut nodes) = group(&w, url, "48MiB", 3, 40);
     load_all(&w.src(), &[&nodes[1]]);
     let a_sent = nodes[0].mount.stat_u64("chunks_served_to_peers");
     assert!(a_sent > 0, "A owns none of 48 chunks?");
@@ -159,17 +119,7 @@ fn a_holder_that_is_gone_sends_the_asker_back_to_the_owner() {
 fn eight_nodes_starting_at_once_read_the_origin_once_and_share_the_uploads() {
     let w = Work::new();
     let url = "s3://models/spread-eight";
-    let total = model(&w, url, "128MiB");
-    let token = token_file(w.dir.path());
-    let port = free_port();
-    let addrs: Vec<String> = (1..=8)
-        .map(|i| format!("127.0.0.{}:{port}", 50 + i))
-        .collect();
-    let all = addrs.join(",");
-    let nodes: Vec<Node> = addrs
-        .iter()
-        .map(|a| node(url, a, &all, &token, &["--peer-upload-limit", "0"]))
-        .collect();
+    let (total, _, nodes) = group(&w, url, "128MiB", 8, 50);
     load_all(&w.src(), &nodes.iter().collect::<Vec<_>>());
     let origin = sum(&nodes, "bytes_from_source");
     assert!(

@@ -39,6 +39,30 @@ impl Work {
             .unwrap();
         Work { dir, cache }
     }
+    /// A synthetic safetensors model in the source dir: `files` shards,
+    /// `size` in all; the bytes of its top-level files.
+    pub fn synth(&self, size: &str, files: u32) -> u64 {
+        let out = run(&[
+            "synth",
+            self.src().to_str().unwrap(),
+            "--size",
+            size,
+            "--files",
+            &files.to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "synth: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_dir(self.src())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    }
+
     pub fn src(&self) -> PathBuf {
         self.dir.path().join("src")
     }
@@ -129,6 +153,32 @@ impl Drop for Mount {
         if is_mounted(&self.mp) {
             let _ = nix::mount::umount2(&self.mp, nix::mount::MntFlags::MNT_DETACH);
         }
+    }
+}
+
+/// Every top-level file of `src` read through every mount at once with
+/// `cmp`; all bytes compared.
+pub fn cmp_all(src: &Path, mounts: &[&Mount]) {
+    let names: Vec<String> = std::fs::read_dir(src)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    let mut kids = vec![];
+    for m in mounts {
+        for name in &names {
+            kids.push(
+                Command::new("cmp")
+                    .arg(src.join(name))
+                    .arg(m.path(name))
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+    }
+    for mut k in kids {
+        assert!(k.wait().unwrap().success(), "a mount read different bytes");
     }
 }
 

@@ -54,6 +54,14 @@ pub fn spawn_for_process(mut cmd: Command, log: std::fs::File) -> std::io::Resul
 
 /// One Garage per test process, started on first use. It dies with the
 /// process (PR_SET_PDEATHSIG), so a failed test never leaves it running.
+/// A synthetic model of two shards, `size` in all, pushed to Garage at
+/// `url`; its bytes.
+pub fn s3_model(w: &super::Work, url: &str, size: &str) -> u64 {
+    let total = w.synth(size, 2);
+    garage().push(&w.src(), url);
+    total
+}
+
 pub fn garage() -> &'static Garage {
     static G: OnceLock<Garage> = OnceLock::new();
     G.get_or_init(|| {
