@@ -88,6 +88,10 @@ pub struct Group {
     acceptor: Option<TlsAcceptor>,
     scheme: &'static str,
     upload_limit: usize,
+    /// What an asker here waits for the first byte of a chunk: the peer
+    /// port's slot queue must not outlast it.
+    peer_timeout: std::time::Duration,
+    origin_budget: std::time::Duration,
 }
 
 impl Group {
@@ -167,6 +171,8 @@ impl Group {
             acceptor,
             scheme: if tls.is_some() { "https" } else { "http" },
             upload_limit: a.peer_upload_limit,
+            peer_timeout: timeout,
+            origin_budget,
         })
     }
 
@@ -219,6 +225,8 @@ impl Group {
         let redirects = self.membership.clone().map(|membership| Redirects {
             membership,
             upload_limit: self.upload_limit,
+            peer_timeout: self.peer_timeout,
+            origin_budget: self.origin_budget,
         });
         rt.spawn(async move {
             if let Err(e) = peer::serve(engine, listener, token, node, tls, redirects).await {

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -45,6 +45,11 @@ struct Server {
 pub struct Redirects {
     pub membership: Arc<Membership>,
     pub upload_limit: usize,
+    /// The group's `--peer-timeout` and origin budget: how long askers wait
+    /// for a first byte, which a request's wait for an upload slot must
+    /// stay within.
+    pub peer_timeout: Duration,
+    pub origin_budget: Duration,
 }
 
 /// Chunks whose holders a server remembers: 64 Ki chunks of 8 MiB are 512
@@ -56,10 +61,9 @@ const HOLDERS_REMEMBERED: usize = 1 << 16;
 /// piece only when its buffer has room).
 const PIECE: usize = 256 << 10;
 
-/// How long a request waits for an upload slot before it is sent anyway:
-/// well within the asker's first-byte timeout (`--peer-timeout`, 5 s by
-/// default).
-const SLOT_WAIT: Duration = Duration::from_secs(2);
+/// Kept of the asker's first-byte timeout when a request waits for an
+/// upload slot: for the answer to travel and start.
+const SLOT_MARGIN: Duration = Duration::from_secs(1);
 
 /// The address the request came from, put in by the accept loop.
 #[derive(Clone, Copy)]
@@ -284,6 +288,7 @@ async fn chunk(
             return r;
         }
     }
+    let started = Instant::now();
     let served = if q.cached_only == 1 {
         engine.cached_chunk(&file, q.index)
     } else {
@@ -291,7 +296,7 @@ async fn chunk(
     };
     match served {
         Ok(b) => {
-            let slot = match upload_slot(&s).await {
+            let slot = match upload_slot(&s, q.cached_only == 1, started).await {
                 Slot::Go(p) => p,
                 Slot::Waited(p) => match may.then(|| redirect(&s, id, asker)).flatten() {
                     Some(r) => return r,
@@ -339,24 +344,33 @@ enum Slot {
 
 /// A member's server sends at most `--peer-upload-limit` chunks at once
 /// (one at least): more at once would each go slower than peers accept
-/// (1 MiB/s) on a busy uplink, and send their askers to the origin. The
-/// rest wait their turn, but only `SLOT_WAIT`: then they are sent anyway.
-/// A queue without a bound would outlast the asker's first-byte timeout, and
-/// a "busy" answer would send a joining node to the origin; both cost the
-/// origin a chunk the group has.
-async fn upload_slot(s: &Server) -> Slot {
-    let Some(slots) = &s.slots else {
+/// (1 MiB/s) on a busy uplink, and send their askers to the origin. The rest
+/// wait their turn, but no longer than the asker waits for a first byte
+/// (`--peer-timeout`, plus the origin's budget for a request that may fetch,
+/// less what the fetch took): then they are sent anyway. A longer wait would
+/// time the asker out, and a "busy" answer would send it to the origin;
+/// both cost the origin a chunk the group has.
+async fn upload_slot(s: &Server, cached_only: bool, started: Instant) -> Slot {
+    let (Some(slots), Some(r)) = (&s.slots, &s.redirects) else {
         return Slot::Go(None);
     };
-    match slots.clone().try_acquire_owned() {
-        Ok(p) => Slot::Go(Some(p)),
-        Err(_) => Slot::Waited(
-            tokio::time::timeout(SLOT_WAIT, slots.clone().acquire_owned())
-                .await
-                .ok()
-                .and_then(Result::ok),
-        ),
+    if let Ok(p) = slots.clone().try_acquire_owned() {
+        return Slot::Go(Some(p));
     }
+    let asker_waits = if cached_only {
+        r.peer_timeout
+    } else {
+        r.peer_timeout + r.origin_budget
+    };
+    let wait = asker_waits
+        .saturating_sub(SLOT_MARGIN)
+        .saturating_sub(started.elapsed());
+    Slot::Waited(
+        tokio::time::timeout(wait, slots.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok),
+    )
 }
 
 /// The member whose address has the connection's IP, if exactly one has:
