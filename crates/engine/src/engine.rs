@@ -320,20 +320,14 @@ impl Engine {
             .await
     }
 
-    fn inflight_limit(&self) -> u64 {
-        self.cfg
-            .max_inflight
-            .max(self.cfg.chunk_size)
-            .min(Semaphore::MAX_PERMITS as u64)
-    }
-
     /// `len` bytes of the in-flight budget, held until the last piece of
     /// what was fetched with it is dropped (see [`held`]). A reader's miss
     /// takes whichever comes first, the budget or the readers' reserve.
     async fn budget(&self, len: u64, reader: bool) -> Result<OwnedSemaphorePermit> {
         let len = len
+            // Both semaphores hold at least a chunk, so this never waits
+            // for more than they have.
             .min(self.cfg.chunk_size)
-            .min(self.inflight_limit())
             .min(u32::MAX as u64) as u32;
         let budget = self.inflight.clone().acquire_many_owned(len);
         let permit = if reader {

@@ -16,11 +16,7 @@ const KEY: &str =
 #[test]
 fn push_and_mount_azure_blob() {
     let w = Work::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut cmd = Command::new("azurite-blob");
     cmd.args([
         "--silent",

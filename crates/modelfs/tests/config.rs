@@ -209,8 +209,7 @@ fn run_mounts_two_models_with_a_warmup_service_and_stops_on_sigterm() {
         write_file(&models.join(m).join("model.safetensors"), 17 << 20, seed);
         write_file(&models.join(m).join("config.json"), 1000, seed + 10);
     }
-    let token = w.dir.path().join("token");
-    std::fs::write(&token, "a-long-shared-group-token-for-tests\n").unwrap();
+    let token = token_file(w.dir.path());
     let listen = format!("127.0.0.1:{}", free_port());
     let cache = w.cache.path();
     // The two mount points do not exist yet: run makes them.
@@ -472,8 +471,7 @@ fn run_stops_on_sigterm_while_a_mount_it_starts_hangs() {
 /// that never answers: SIGTERM stops it and that child within seconds.
 fn sigterm_while_starting(with_serve: bool) {
     let w = Work::new();
-    let token = w.dir.path().join("token");
-    std::fs::write(&token, "a-long-shared-group-token-for-tests\n").unwrap();
+    let token = token_file(w.dir.path());
     let listen = format!("127.0.0.1:{}", free_port());
     let mp = w.dir.path().join("mnt");
     let config = format!(
@@ -538,8 +536,7 @@ fn run_killed_takes_its_services_and_mounts_with_it() {
     let w = Work::new();
     let models = w.dir.path().join("models");
     write_file(&models.join("qwen/a.bin"), 3 << 20, 31);
-    let token = w.dir.path().join("token");
-    std::fs::write(&token, "a-long-shared-group-token-for-tests\n").unwrap();
+    let token = token_file(w.dir.path());
     let listen = format!("127.0.0.1:{}", free_port());
     let mp = w.dir.path().join("mnt");
     let config = format!(

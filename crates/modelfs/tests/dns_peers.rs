@@ -57,8 +57,7 @@ fn dns_peers_that_appear_after_start() {
         write_file(&w.src().join(f), 40 << 20, 10 + i as u64);
     }
     let total = 80u64 << 20;
-    let token: PathBuf = w.dir.path().join("token");
-    std::fs::write(&token, "a-long-shared-group-token-for-tests\n").unwrap();
+    let token: PathBuf = token_file(w.dir.path());
     let name = format!("modelfs-dns-peers-test-{}", std::process::id());
     let port = free_port();
     let peers = format!("dns:{name}:{port}");

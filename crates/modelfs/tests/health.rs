@@ -39,8 +39,7 @@ fn get(addr: &str, path: &str) -> (u16, String) {
 }
 
 fn token(w: &Work) -> String {
-    let p = w.dir.path().join("token");
-    std::fs::write(&p, "a-long-shared-group-token-for-tests\n").unwrap();
+    let p = token_file(w.dir.path());
     p.to_str().unwrap().to_string()
 }
 

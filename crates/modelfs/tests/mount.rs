@@ -182,11 +182,7 @@ fn prometheus_metrics_follow_the_counters() {
     use std::io::{Read, Write};
     let w = Work::new();
     write_file(&w.src().join("f.bin"), 5 << 20, 4);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let m = w.mount(&["--metrics-listen", &addr]);
     assert_same_file(&w.src().join("f.bin"), &m.path("f.bin"));

@@ -22,11 +22,7 @@ fn metrics_follow_prometheus_conventions() {
     let w = Work::new();
     let size = (9 << 20) + 123;
     write_file(&w.src().join("f.bin"), size, 1);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let m = w.mount(&["--metrics-listen", &addr, "--preload", "/"]);
     assert_same_file(&w.src().join("f.bin"), &m.path("f.bin"));
