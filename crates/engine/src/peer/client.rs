@@ -149,7 +149,7 @@ impl PeerClient {
         let first_byte = if req.cached_only {
             self.timeout
         } else {
-            self.timeout + self.origin_budget
+            self.timeout.saturating_add(self.origin_budget)
         };
         let resp = match tokio::time::timeout(first_byte, resp).await {
             Ok(r) => r.map_err(|e| fail(e.to_string()))?,

@@ -64,6 +64,9 @@ const PIECE: usize = 256 << 10;
 /// Kept of the asker's first-byte timeout when a request waits for an
 /// upload slot: for the answer to travel and start.
 const SLOT_MARGIN: Duration = Duration::from_secs(1);
+/// The longest any request waits for an upload slot, whatever the askers'
+/// budget: each waiting request holds a connection of the port's limit.
+const SLOT_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// The address the request came from, put in by the accept loop.
 #[derive(Clone, Copy)]
@@ -225,6 +228,9 @@ async fn chunk(
     headers: HeaderMap,
     q: Result<Query<ChunkQuery>, QueryRejection>,
 ) -> Response {
+    // The asker's first-byte clock runs from before this: the listing
+    // lookup below may take a while too.
+    let started = Instant::now();
     if !authorized(&headers, &s.token) {
         return unauthorized();
     }
@@ -288,7 +294,6 @@ async fn chunk(
             return r;
         }
     }
-    let started = Instant::now();
     let served = if q.cached_only == 1 {
         engine.cached_chunk(&file, q.index)
     } else {
@@ -360,9 +365,10 @@ async fn upload_slot(s: &Server, cached_only: bool, started: Instant) -> Slot {
     let asker_waits = if cached_only {
         r.peer_timeout
     } else {
-        r.peer_timeout + r.origin_budget
+        r.peer_timeout.saturating_add(r.origin_budget)
     };
     let wait = asker_waits
+        .min(SLOT_WAIT_MAX)
         .saturating_sub(SLOT_MARGIN)
         .saturating_sub(started.elapsed());
     Slot::Waited(
