@@ -224,7 +224,7 @@ impl Engine {
         i: u64,
         rel: Range<u64>,
     ) -> Result<Bytes> {
-        if let Some(b) = self.store.read(cf, i, rel.clone()) {
+        if let Some(b) = self.store.read_mapped(cf, i, rel.clone()) {
             add(&self.stats.cache_hits, 1);
             add(&self.stats.bytes_from_cache, b.len() as u64);
             return Ok(b);

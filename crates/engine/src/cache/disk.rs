@@ -73,6 +73,21 @@ impl Files {
         Ok(Bytes::from(buf))
     }
 
+    /// `len` bytes at `offset` as a read-only mapping: a cache hit is then
+    /// copied once, into the FUSE reply, instead of into a buffer first.
+    pub fn map(&self, offset: u64, len: u64) -> io::Result<memmap2::Mmap> {
+        // SAFETY: the caller keeps the chunk pinned while the mapping lives,
+        // and a pinned chunk is never punched or rewritten; a data file is
+        // never truncated (a retired one is unlinked and keeps its pages).
+        unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len as usize)
+                .populate()
+                .map(&self.data)
+        }
+    }
+
     /// Writes a chunk, then its index entry, so the index never claims bytes
     /// that are not there. A failed write leaves no allocated bytes behind.
     pub fn write_chunk(&self, i: u64, range: Range<u64>, bytes: &[u8], crc: u32) -> io::Result<()> {

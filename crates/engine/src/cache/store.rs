@@ -508,6 +508,29 @@ impl ChunkStore {
     /// Bytes `range` (relative to the chunk) of chunk `i`, if cached. A chunk
     /// restored from an earlier run is checked against its crc on first use.
     pub fn read(&self, cf: &CacheFile, i: u64, range: Range<u64>) -> Option<Bytes> {
+        self.read_with(cf, i, range, None)
+    }
+
+    /// As [`Self::read`], but the bytes are a mapping of the cache file that
+    /// keeps the chunk pinned until they are dropped: for a reply that is
+    /// sent at once. A holder that may keep them long (a peer's upload)
+    /// uses [`Self::read`], so a slow asker never holds back eviction.
+    pub fn read_mapped(
+        self: &Arc<Self>,
+        cf: &CacheFile,
+        i: u64,
+        range: Range<u64>,
+    ) -> Option<Bytes> {
+        self.read_with(cf, i, range, Some(self))
+    }
+
+    fn read_with(
+        &self,
+        cf: &CacheFile,
+        i: u64,
+        range: Range<u64>,
+        map_for: Option<&Arc<Self>>,
+    ) -> Option<Bytes> {
         let (files, verified, crc, gen, was_unread) = {
             let mut g = self.inner.lock();
             let inner = &mut *g;
@@ -540,7 +563,22 @@ impl ChunkStore {
         }
         let base = cf.chunk_range(i).start;
         // `Err(true)`: the bytes are wrong; `Err(false)`: they could not be read.
-        let out = if verified {
+        let out = if let (true, Some(store)) = (verified, map_for) {
+            match files.map(base + range.start, range.end - range.start) {
+                Ok(map) => {
+                    return Some(Bytes::from_owner(Mapped {
+                        map,
+                        _pin: ChunkPin {
+                            store: Arc::clone(store),
+                            key: cf.key,
+                            gen,
+                            i,
+                        },
+                    }));
+                }
+                Err(_) => Err(false),
+            }
+        } else if verified {
             files
                 .read(base + range.start, range.end - range.start)
                 .map_err(|_| false)
@@ -1048,6 +1086,36 @@ impl ChunkStore {
 
     pub fn config(&self) -> &CacheConfig {
         &self.cfg
+    }
+}
+
+/// A cached chunk's bytes mapped from the cache file, pinned while mapped.
+struct Mapped {
+    map: memmap2::Mmap,
+    _pin: ChunkPin,
+}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+/// One pin on chunk `i`; a chunk is never punched while pinned.
+struct ChunkPin {
+    store: Arc<ChunkStore>,
+    key: u128,
+    gen: u64,
+    i: u64,
+}
+
+impl Drop for ChunkPin {
+    fn drop(&mut self) {
+        let mut inner = self.store.inner.lock();
+        if let Some(e) = inner.files.get_mut(&self.key).filter(|e| e.gen == self.gen) {
+            let s = &mut e.slots[self.i as usize];
+            s.pins -= 1;
+        }
     }
 }
 

@@ -411,3 +411,36 @@ fn files_removed_behind_the_cache_leave_its_accounting() {
     assert_eq!(put(&s, &f, 0, Mode::Read), Some(true), "cached again");
     assert_eq!(&s.read_chunk(&f, 0).unwrap()[..], &chunk(&f, 0)[..]);
 }
+
+#[test]
+fn a_mapped_read_pins_its_chunk_until_dropped() {
+    let d = tempfile::tempdir().unwrap();
+    let s = store(d.path(), 2 * CS);
+    let f = s.file(&fv("a", 2 * CS));
+    for i in 0..2 {
+        assert_eq!(put(&s, &f, i, Mode::Read), Some(true));
+    }
+    // An odd offset: the mapping starts inside a page.
+    let mapped = s.read_mapped(&f, 0, 5..CS - 1).unwrap();
+    assert_eq!(&mapped[..], &chunk(&f, 0)[5..CS as usize - 1]);
+    let _ = s.read(&f, 1, 0..1).unwrap();
+    // Chunk 0 is the least recently used, but mapped: room is made from
+    // chunk 1 instead, and chunk 0's bytes stay what they were.
+    let g = s.file(&fv("b", CS));
+    assert_eq!(put(&s, &g, 0, Mode::Read), Some(true));
+    assert!(s.read(&f, 1, 0..1).is_none(), "chunk 1 was evicted");
+    assert_eq!(&mapped[..], &chunk(&f, 0)[5..CS as usize - 1]);
+    let h = s.file(&fv("c", CS));
+    assert_eq!(put(&s, &h, 0, Mode::Read), Some(true));
+    assert!(
+        s.read(&g, 0, 0..1).is_none(),
+        "b's chunk went, not the mapped one"
+    );
+    assert_eq!(&mapped[..], &chunk(&f, 0)[5..CS as usize - 1]);
+    drop(mapped);
+    // Unpinned, chunk 0 is the least recently used and goes first.
+    let k = s.file(&fv("d", CS));
+    assert_eq!(put(&s, &k, 0, Mode::Read), Some(true));
+    assert!(s.read(&f, 0, 0..1).is_none(), "chunk 0 was evicted");
+    assert_eq!(&s.read(&h, 0, 0..CS).unwrap()[..], &chunk(&h, 0)[..]);
+}
