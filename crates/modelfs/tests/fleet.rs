@@ -5,40 +5,10 @@ mod common;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
-
-/// A child killed when dropped, so a stalled reader never outlives a failed
-/// test (and never holds the mount busy).
-struct Kid(Child);
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `cmp` of `want` against `got` through the mount, which must finish within
-/// `bound`; the time it took.
-fn cmp_within(want: &Path, got: &Path, bound: Duration) -> Duration {
-    let t = Instant::now();
-    let mut k = Kid(Command::new("cmp").arg(want).arg(got).spawn().unwrap());
-    loop {
-        if let Some(st) = k.0.try_wait().unwrap() {
-            assert!(st.success(), "{} read different bytes", got.display());
-            return t.elapsed();
-        }
-        assert!(
-            t.elapsed() < bound,
-            "reading {} took longer than {bound:?}",
-            got.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn a_node_whose_peer_list_names_itself_twice_reads_at_once() {

@@ -5,7 +5,7 @@ pub mod s3;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 pub fn bin() -> &'static str {
@@ -179,6 +179,36 @@ pub fn cmp_all(src: &Path, mounts: &[&Mount]) {
     }
     for mut k in kids {
         assert!(k.wait().unwrap().success(), "a mount read different bytes");
+    }
+}
+
+/// A child killed when dropped, so a stalled reader never outlives a failed
+/// test (and never holds the mount busy).
+pub struct Kid(pub Child);
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `cmp` of `want` against `got` through the mount, which must finish within
+/// `bound`; the time it took.
+pub fn cmp_within(want: &Path, got: &Path, bound: Duration) -> Duration {
+    let t = Instant::now();
+    let mut k = Kid(Command::new("cmp").arg(want).arg(got).spawn().unwrap());
+    loop {
+        if let Some(st) = k.0.try_wait().unwrap() {
+            assert!(st.success(), "{} read different bytes", got.display());
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < bound,
+            "reading {} took longer than {bound:?}",
+            got.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
