@@ -12,7 +12,7 @@ use xxhash_rust::xxh3::xxh3_64_with_secret;
 
 /// Chunks remembered with the server that sent them, oldest forgotten first
 /// (they are the likeliest to be evicted already): 64 Ki chunks of 8 MiB are
-/// 512 GiB of models, in about 4 MiB of memory.
+/// 512 GiB of models, in about 5 MiB of memory.
 const REMEMBERED: usize = 1 << 16;
 
 pub(crate) struct Verifier {

@@ -1,8 +1,9 @@
 //! `--peer-verify-sample`: a peer that sends wrong bytes with a crc32c of
 //! its own making passes the transfer check; a node that also reads a
 //! sample of the chunks from the origin catches it, serves the origin's
-//! bytes, never asks it again and drops what it sent before. Every node
-//! listens on its own loopback address (127.0.0.10N).
+//! bytes, never asks it again and drops what it sent before. (A peer whose
+//! crc32c does not match is group.rs's.) Every node listens on its own
+//! loopback address (127.0.0.10N).
 mod common;
 
 use std::io::{Read, Write};
@@ -242,6 +243,45 @@ fn what_a_liar_sent_before_it_was_caught_is_dropped_from_the_cache() {
     let ok = all_within(vec![cmp(&w.src().join("a.bin"), &m.path("a.bin"))], BOUND);
     assert!(ok[0], "a chunk the liar sent is still cached");
     assert_eq!(liar.requests(), asked, "the liar was asked again");
+}
+
+#[test]
+fn a_lying_warmup_service_is_caught_and_never_asked_again() {
+    let w = Work::new();
+    let a = write_file(&w.src().join("a.bin"), (6 << 20) + 777, 106);
+    let b = write_file(&w.src().join("b.bin"), 3 << 20, 107);
+    let liar = Liar::start("127.0.0.106");
+    let token = token_file(w.dir.path());
+    let warmup = format!("http://{}", liar.addr);
+    let m = w.mount(&[
+        "--warmup-service",
+        &warmup,
+        "--peer-token-file",
+        token.to_str().unwrap(),
+        "--chunk-size",
+        "1MiB",
+        "--peer-verify-sample",
+        "1",
+    ]);
+    let ok = all_within(vec![cmp(&w.src().join("a.bin"), &m.path("a.bin"))], BOUND);
+    assert!(ok[0], "a wrong byte reached the reader");
+    let asked = liar.requests();
+    let ok = all_within(vec![cmp(&w.src().join("b.bin"), &m.path("b.bin"))], BOUND);
+    assert!(ok[0], "a wrong byte reached the reader");
+    assert_eq!(
+        liar.requests(),
+        asked,
+        "the warm-up service was asked again"
+    );
+    let s = m.stats();
+    assert!(s["peer_lies_caught"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["peers"][&warmup]["lies"].as_u64().unwrap() >= 1, "{s}");
+    assert_eq!(s["bytes_from_warmup"].as_u64(), Some(0), "{s}");
+    assert_eq!(
+        s["bytes_from_source"].as_u64(),
+        Some((a.len() + b.len()) as u64),
+        "{s}"
+    );
 }
 
 /// A node of an honest group: its own mount point and cache.

@@ -119,7 +119,7 @@ impl Tier for PeerTier {
         Some(order::sweep(n_chunks, owned, start))
     }
 
-    /// The name is the address (see `ask`).
+    /// Its servers are named by their addresses (see `fetch`).
     fn distrust(&self, server: &str) {
         if let Ok(peer) = server.parse() {
             self.membership.quarantine(peer);
@@ -150,14 +150,10 @@ impl Tier for PeerTier {
             };
             let t = Instant::now();
             let mut r = self.ask(peer, file, index, &range, ask).await;
-            let mut from = peer;
             if let Err(Error::Redirected(holders)) = r {
                 add(&self.asker.stats.redirects_followed, 1);
                 r = match self.ask_holders(&holders, file, index, &range).await {
-                    Some((holder, b)) => {
-                        from = holder;
-                        Ok(b)
-                    }
+                    Some(got) => Ok(got),
                     // None had it: the owner again, which now sends it
                     // itself, so a redirect happens once per fetch at most.
                     None => self.ask(peer, file, index, &range, Ask::Fetch).await,
@@ -171,7 +167,7 @@ impl Tier for PeerTier {
             if failed(&r) {
                 m.back_off(peer);
             }
-            return r.map(|bytes| Answer {
+            return r.map(|(from, bytes)| Answer {
                 bytes,
                 server: Some(from.to_string()),
             });
@@ -190,18 +186,18 @@ impl PeerTier {
         index: u64,
         range: &Range<u64>,
         ask: Ask,
-    ) -> Result<Bytes> {
+    ) -> Result<(SocketAddr, Bytes)> {
         let name = peer.to_string();
         let base = format!("{}://{name}", self.scheme);
         self.asker
             .ask(&base, &name, file, index, range.clone(), ask)
             .await
+            .map(|b| (peer, b))
     }
 
-    /// The chunk from the first of `holders` that has it cached, and which
-    /// one that was. Only live
-    /// members other than this node are asked: a holder list is a peer's
-    /// word, and this node's token goes nowhere else.
+    /// The first of `holders` that has the chunk cached, and the chunk.
+    /// Only live members other than this node are asked: a holder list is a
+    /// peer's word, and this node's token goes nowhere else.
     async fn ask_holders(
         &self,
         holders: &[SocketAddr],
@@ -224,9 +220,9 @@ impl PeerTier {
             asked.push(h);
             let r = self.ask(h, file, index, range, Ask::Cached).await;
             match r {
-                Ok(b) => {
+                Ok(got) => {
                     add(&self.asker.stats.chunks_from_holders, 1);
-                    return Some((h, b));
+                    return Some(got);
                 }
                 Err(Error::ToSelf(_)) => m.mark_self(h),
                 Err(_) if failed(&r) => m.back_off(h),
