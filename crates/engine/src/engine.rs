@@ -16,7 +16,8 @@ use crate::namespace::Namespace;
 use crate::prefetch::{PrefetchTicket, Prefetcher};
 use crate::singleflight::SingleFlight;
 use crate::stats::{add, Stats, StatsSnapshot};
-use crate::tier::{OriginTier, Tier};
+use crate::tier::{Answer, OriginTier, Tier};
+use crate::verify::Verifier;
 use crate::{Error, FileVersion, Result, Source};
 
 #[derive(Debug, Clone)]
@@ -34,6 +35,9 @@ pub struct EngineConfig {
     /// chunk): with the chunk buffers kept for reuse, what bounds the
     /// memory the read path holds, whatever the model's size.
     pub max_inflight: u64,
+    /// The fraction (0 to 1) of chunks from peers and the warm-up service
+    /// that is read from the origin too and compared; 0: none.
+    pub peer_verify_sample: f64,
 }
 
 pub struct Engine {
@@ -48,6 +52,7 @@ pub struct Engine {
     /// Two chunks more that only readers' misses may take: prefetch can fill
     /// the budget, and a reader must not queue behind all of it.
     readers: Arc<Semaphore>,
+    verifier: Option<Verifier>,
     stats: Arc<Stats>,
     cfg: EngineConfig,
 }
@@ -75,6 +80,13 @@ pub(crate) enum Got {
     NoRoom(Want),
 }
 
+/// Bytes from the tiers, and the server they came from when they were not
+/// compared with the origin's: dropped from the cache if it lies later.
+struct Fetched {
+    bytes: Bytes,
+    unchecked_from: Option<String>,
+}
+
 /// One open handle on one version of a file.
 pub struct OpenFile {
     pub file: FileVersion,
@@ -94,6 +106,12 @@ impl Engine {
             return Err(Error::Config(format!(
                 "--chunk-size {} must be a positive multiple of 4KiB",
                 cfg.chunk_size
+            )));
+        }
+        let rate = cfg.peer_verify_sample;
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(Error::Config(format!(
+                "--peer-verify-sample {rate}: give the fraction of chunks to check, from 0 to 1"
             )));
         }
         let stats = Arc::new(Stats::default());
@@ -123,6 +141,7 @@ impl Engine {
             tiers,
             flights: SingleFlight::default(),
             prefetcher: Prefetcher::new(cfg.prefetch_concurrency),
+            verifier: Verifier::new(rate),
             stats,
             cfg,
         }))
@@ -243,9 +262,7 @@ impl Engine {
             Got::NoRoom(_) => {
                 let base = cf.chunk_range(i).start;
                 let range = base + rel.start..base + rel.end;
-                let b = self
-                    .fetch_from_tiers(&cf.file, i, range, true, true)
-                    .await?;
+                let b = self.fetch_from_tiers(cf, i, range, true, true).await?.bytes;
                 add(&self.stats.reads_uncached, 1);
                 add(&self.stats.bytes_uncached, b.len() as u64);
                 Ok(b)
@@ -280,8 +297,9 @@ impl Engine {
 
     async fn fetch_uncached(&self, cf: &CacheFile, i: u64) -> Result<Got> {
         let b = self
-            .fetch_from_tiers(&cf.file, i, cf.chunk_range(i), false, false)
-            .await?;
+            .fetch_from_tiers(cf, i, cf.chunk_range(i), false, false)
+            .await?
+            .bytes;
         add(&self.stats.reads_uncached, 1);
         add(&self.stats.bytes_uncached, b.len() as u64);
         Ok(Got::Bytes(b))
@@ -303,9 +321,9 @@ impl Engine {
                     Reserve::Room(r) => Some(r),
                     Reserve::Busy | Reserve::NoRoom => return Ok(Got::NoRoom(want)),
                 };
-                let bytes = engine
+                let got = engine
                     .fetch_from_tiers(
-                        &cf.file,
+                        &cf,
                         i,
                         cf.chunk_range(i),
                         want == Want::Peer,
@@ -313,9 +331,11 @@ impl Engine {
                     )
                     .await?;
                 if let Some(r) = room {
-                    engine.store.commit(r, &bytes);
+                    if engine.store.commit(r, &got.bytes) {
+                        engine.remember(&cf, i, got.unchecked_from);
+                    }
                 }
-                Ok(Got::Bytes(bytes))
+                Ok(Got::Bytes(got.bytes))
             })
             .await
     }
@@ -342,7 +362,7 @@ impl Engine {
         permit.map_err(|_| Error::Cache("the in-flight budget is closed".into()))
     }
 
-    /// Bytes `range` of `file` (within chunk `index`) from the first tier
+    /// Bytes `range` of `cf` (within chunk `index`) from the first tier
     /// that answers. Tiers that deal in whole chunks are asked for the chunk.
     /// Only the origin's answer takes the in-flight budget: a node waiting
     /// on a peer must not hold budget that peer's own fetch for it may be
@@ -351,67 +371,156 @@ impl Engine {
     /// the flights that ask for it.
     async fn fetch_from_tiers(
         &self,
-        file: &FileVersion,
+        cf: &CacheFile,
         index: u64,
         range: Range<u64>,
         skip_peers: bool,
         reader: bool,
-    ) -> Result<Bytes> {
-        let last = self.tiers.len() - 1;
-        let chunk = {
-            let start = index * self.cfg.chunk_size;
-            start..(start + self.cfg.chunk_size).min(file.size)
-        };
-        for (n, tier) in self.tiers.iter().enumerate() {
+    ) -> Result<Fetched> {
+        let chunk = cf.chunk_range(index);
+        // The origin, last, is asked below.
+        for tier in &self.tiers[..self.tiers.len() - 1] {
             if skip_peers && tier.is_peer() {
                 continue;
-            }
-            if n == last {
-                add(&self.stats.source_requests, 1);
             }
             let ask = if tier.whole_chunks() {
                 chunk.clone()
             } else {
                 range.clone()
             };
-            let budget = if n == last {
-                Some(self.budget(ask.end - ask.start, reader).await?)
-            } else {
-                None
-            };
-            match tier.fetch(file, index, ask.clone()).await {
-                Ok(b) => {
-                    let b = match budget {
-                        Some(budget) => held(b, budget),
-                        None => b,
-                    };
-                    add(tier.counter(&self.stats), b.len() as u64);
-                    let (from, to) = (range.start - ask.start, range.end - ask.start);
-                    if to as usize > b.len() {
-                        return Err(Error::Cache(format!(
-                            "{} chunk {index}: the {} tier answered {} bytes where {} were expected",
-                            file.path,
-                            tier.name(),
-                            b.len(),
-                            ask.end - ask.start
-                        )));
-                    }
-                    return Ok(b.slice(from as usize..to as usize));
-                }
+            let answer = match tier.fetch(&cf.file, index, ask.clone()).await {
+                Ok(a) => a,
                 Err(e @ Error::VersionChanged { .. }) => {
                     add(&self.stats.version_changes, 1);
                     return Err(e);
                 }
-                Err(e) if n < last => {
-                    debug!(tier = tier.name(), "tier failed, trying the next: {e}")
-                }
                 Err(e) => {
-                    add(&self.stats.source_errors, 1);
-                    return Err(e);
+                    debug!(tier = tier.name(), "tier failed, trying the next: {e}");
+                    continue;
                 }
+            };
+            if let Some(f) = self
+                .checked(cf, index, tier.as_ref(), answer, reader)
+                .await?
+            {
+                return Ok(Fetched {
+                    bytes: part(f.bytes, &ask, &range, cf, index, tier.name())?,
+                    unchecked_from: f.unchecked_from,
+                });
             }
         }
-        unreachable!("the origin tier is always last")
+        Ok(Fetched {
+            bytes: self.read_origin(cf, index, range, reader).await?,
+            unchecked_from: None,
+        })
+    }
+
+    /// Bytes `range` of chunk `index` from the origin, within the in-flight
+    /// budget.
+    async fn read_origin(
+        &self,
+        cf: &CacheFile,
+        index: u64,
+        range: Range<u64>,
+        reader: bool,
+    ) -> Result<Bytes> {
+        let origin = self.tiers.last().expect("the origin is a tier");
+        add(&self.stats.source_requests, 1);
+        let budget = self.budget(range.end - range.start, reader).await?;
+        match origin.fetch(&cf.file, index, range.clone()).await {
+            Ok(a) => {
+                let b = held(a.bytes, budget);
+                add(&self.stats.bytes_from_source, b.len() as u64);
+                part(b, &range, &range, cf, index, origin.name())
+            }
+            Err(e) => {
+                let counter = match e {
+                    Error::VersionChanged { .. } => &self.stats.version_changes,
+                    _ => &self.stats.source_errors,
+                };
+                add(counter, 1);
+                Err(e)
+            }
+        }
+    }
+
+    /// What `tier` answered, to serve: its bytes, or, when they were
+    /// compared with the origin's (`--peer-verify-sample`) and differ, the
+    /// origin's; the server that sent them is never asked again and what it
+    /// sent before is dropped from the cache. `None`: the server was caught
+    /// since it was asked, and its answer counts for nothing.
+    async fn checked(
+        &self,
+        cf: &CacheFile,
+        index: u64,
+        tier: &dyn Tier,
+        answer: Answer,
+        reader: bool,
+    ) -> Result<Option<Fetched>> {
+        let from_tier = |bytes: Bytes, unchecked_from| {
+            add(tier.counter(&self.stats), bytes.len() as u64);
+            Some(Fetched {
+                bytes,
+                unchecked_from,
+            })
+        };
+        let (Some(v), Some(server)) = (&self.verifier, answer.server) else {
+            return Ok(from_tier(answer.bytes, None));
+        };
+        if v.is_liar(&server) {
+            return Ok(None);
+        }
+        if !v.sampled(cf.key, index) {
+            return Ok(from_tier(answer.bytes, Some(server)));
+        }
+        let origin = match self
+            .read_origin(cf, index, cf.chunk_range(index), reader)
+            .await
+        {
+            Ok(b) => b,
+            Err(e @ Error::VersionChanged { .. }) => return Err(e),
+            // The check needs the origin, the read does not: while the
+            // origin fails, the group's copy is better than none.
+            Err(e) => {
+                debug!(%server, "cannot check a chunk against the origin: {e}");
+                return Ok(from_tier(answer.bytes, Some(server)));
+            }
+        };
+        add(&self.stats.peer_chunks_verified, 1);
+        if origin == answer.bytes {
+            return Ok(from_tier(answer.bytes, None));
+        }
+        add(&self.stats.peer_lies_caught, 1);
+        self.stats.peer(&server, |c| c.lies += 1);
+        tier.distrust(&server);
+        if let Some(sent) = v.caught(&server) {
+            let dropped = sent
+                .into_iter()
+                .filter(|&(key, i)| self.store.discard(key, i))
+                .count();
+            error!(
+                peer = %server,
+                path = %cf.file.path,
+                chunk = index,
+                dropped,
+                "a chunk from this peer differs from the origin's: serving the origin's, \
+                 never asking it again, dropping the chunks it sent before from the cache"
+            );
+        }
+        Ok(Some(Fetched {
+            bytes: origin,
+            unchecked_from: None,
+        }))
+    }
+
+    /// Chunk `i`, now cached, came unchecked from `server`: it is dropped
+    /// again if the server was caught lying meanwhile.
+    fn remember(&self, cf: &CacheFile, i: u64, server: Option<String>) {
+        if let (Some(v), Some(server)) = (&self.verifier, server) {
+            if !v.received(&server, cf.key, i) {
+                self.store.discard(cf.key, i);
+            }
+        }
     }
 
     /// Chunk `i` of `file` for a peer: from the cache, or fetched once for
@@ -491,6 +600,27 @@ impl Engine {
         s.pid = std::process::id();
         s
     }
+}
+
+/// Bytes `range` of what `tier` answered when asked for `ask`.
+fn part(
+    b: Bytes,
+    ask: &Range<u64>,
+    range: &Range<u64>,
+    cf: &CacheFile,
+    index: u64,
+    tier: &str,
+) -> Result<Bytes> {
+    let (from, to) = (range.start - ask.start, range.end - ask.start);
+    if to as usize > b.len() {
+        return Err(Error::Cache(format!(
+            "{} chunk {index}: the {tier} tier answered {} bytes where {} were expected",
+            cf.file.path,
+            b.len(),
+            ask.end - ask.start
+        )));
+    }
+    Ok(b.slice(from as usize..to as usize))
 }
 
 /// `b`, holding `budget` until its last clone or slice is dropped: the

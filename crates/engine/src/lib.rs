@@ -17,6 +17,7 @@ pub mod size;
 pub mod source;
 pub mod stats;
 pub mod tier;
+mod verify;
 
 pub use engine::{Engine, EngineConfig, OpenFile};
 pub use error::{Error, Result};

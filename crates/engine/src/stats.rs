@@ -13,6 +13,9 @@ pub struct PeerCounters {
     pub bytes: u64,
     pub errors: u64,
     pub crc_failures: u64,
+    /// Chunks it sent that differ from the origin's (`--peer-verify-sample`).
+    #[serde(default)]
+    pub lies: u64,
 }
 
 /// How far `--preload` has got, live: what it names, and how much of that is
@@ -82,6 +85,8 @@ pub struct Stats {
     pub redirects_sent: AtomicU64,
     pub redirects_followed: AtomicU64,
     pub chunks_from_holders: AtomicU64,
+    pub peer_chunks_verified: AtomicU64,
+    pub peer_lies_caught: AtomicU64,
     pub peers: Mutex<BTreeMap<String, PeerCounters>>,
     pub preload: PreloadProbe,
 }
@@ -141,6 +146,14 @@ pub struct StatsSnapshot {
     pub peer_redirects_followed: u64,
     /// Chunks this node got from a holder an owner named.
     pub chunks_from_holders: u64,
+    /// Chunks from peers and the warm-up service also read from the origin
+    /// and compared (`--peer-verify-sample`).
+    #[serde(default)]
+    pub peer_chunks_verified: u64,
+    /// Of those, chunks that differed: each server that sent one is never
+    /// asked again.
+    #[serde(default)]
+    pub peer_lies_caught: u64,
     /// `--preload` of a mount or `serve`; null without one.
     #[serde(default)]
     pub preload: Option<PreloadStatus>,
@@ -176,6 +189,8 @@ impl Stats {
         s.peer_redirects_sent = g(&self.redirects_sent);
         s.peer_redirects_followed = g(&self.redirects_followed);
         s.chunks_from_holders = g(&self.chunks_from_holders);
+        s.peer_chunks_verified = g(&self.peer_chunks_verified);
+        s.peer_lies_caught = g(&self.peer_lies_caught);
         s.peers = self.peers.lock().clone();
         s.preload = self.preload.0.lock().as_ref().map(|f| f());
         let (hits, misses) = (g(&self.cache_hits), g(&self.cache_misses));

@@ -13,6 +13,15 @@ use bytes::Bytes;
 use crate::stats::Stats;
 use crate::{FileVersion, Result, Source};
 
+/// What a tier answered.
+pub struct Answer {
+    pub bytes: Bytes,
+    /// Which of the tier's servers sent the bytes, by the name `stat` counts
+    /// it under (a peer's address, the warm-up service's URL): whom to
+    /// distrust if they are not the origin's. `None` from the origin.
+    pub server: Option<String>,
+}
+
 #[async_trait]
 pub trait Tier: Send + Sync + 'static {
     fn name(&self) -> &'static str;
@@ -34,8 +43,11 @@ pub trait Tier: Send + Sync + 'static {
     fn sweep_order(&self, _file: &FileVersion, _n_chunks: u64) -> Option<Vec<u64>> {
         None
     }
+    /// Never ask `server`, one of this tier's, again: it sent a chunk that
+    /// differs from the origin's.
+    fn distrust(&self, _server: &str) {}
     /// Bytes `range` (chunk `index`) of `file`.
-    async fn fetch(&self, file: &FileVersion, index: u64, range: Range<u64>) -> Result<Bytes>;
+    async fn fetch(&self, file: &FileVersion, index: u64, range: Range<u64>) -> Result<Answer>;
 }
 
 /// The source itself: the last tier, that always answers.
@@ -55,17 +67,20 @@ impl Tier for OriginTier {
         false
     }
 
-    async fn fetch(&self, file: &FileVersion, _index: u64, range: Range<u64>) -> Result<Bytes> {
+    async fn fetch(&self, file: &FileVersion, _index: u64, range: Range<u64>) -> Result<Answer> {
         let t = Instant::now();
         let r = self.0.read(file, range).await;
         record_fetch("source", t, &r);
-        r
+        r.map(|bytes| Answer {
+            bytes,
+            server: None,
+        })
     }
 }
 
 /// Time to get a chunk from `tier`, for `--metrics-listen`'s histogram (a
 /// no-op without it). Failures are left out: their time is the timeout's.
-pub(crate) fn record_fetch(tier: &'static str, since: Instant, r: &Result<Bytes>) {
+pub(crate) fn record_fetch<T>(tier: &'static str, since: Instant, r: &Result<T>) {
     if r.is_ok() {
         metrics::histogram!("modelfs_fetch_duration_seconds", "tier" => tier)
             .record(since.elapsed().as_secs_f64());

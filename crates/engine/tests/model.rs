@@ -128,6 +128,7 @@ fn engine(source: &Arc<MemSource>, dir: &Path) -> Arc<Engine> {
             prefetch_window: 2 * CS,
             listing_ttl: Duration::from_secs(60),
             max_inflight: CS,
+            peer_verify_sample: 0.0,
         },
         |_| vec![],
     )
@@ -216,6 +217,7 @@ fn run(ops: Vec<Op>) {
                             prefetch_window: 2 * CS,
                             listing_ttl: Duration::from_secs(60),
                             max_inflight: CS,
+                            peer_verify_sample: 0.0,
                         },
                         |_| vec![],
                     ) {

@@ -57,6 +57,8 @@ impl CacheArgs {
                 || (prefetch_concurrency.max(1) as u64).saturating_mul(self.chunk_size.0),
                 |b| b.0,
             ),
+            // A group member's setting (see `Group`).
+            peer_verify_sample: 0.0,
         })
     }
 }

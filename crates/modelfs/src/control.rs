@@ -84,13 +84,19 @@ pub fn stat(mp: &Path, json: bool) -> Result<()> {
     )?;
     writeln!(o, "inodes          {inodes} held by the kernel")?;
     writeln!(o, "served to peers {} chunks", s.chunks_served_to_peers)?;
+    writeln!(
+        o,
+        "checked         {} chunks from peers against the origin, {} differed",
+        s.peer_chunks_verified, s.peer_lies_caught
+    )?;
     for (peer, c) in &s.peers {
         writeln!(
             o,
-            "  peer {peer:<24} {} received, {} errors, {} failed their crc",
+            "  peer {peer:<24} {} received, {} errors, {} failed their crc, {} differed from the origin",
             b(c.bytes),
             c.errors,
-            c.crc_failures
+            c.crc_failures,
+            c.lies
         )?;
     }
     writeln!(o, "daemon pid      {}", s.pid)?;

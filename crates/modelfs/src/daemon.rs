@@ -226,12 +226,11 @@ fn start(args: &MountArgs) -> Result<Mounted> {
         args.cache.chunk_size.0,
         args.store.budget(),
     ))?;
-    let engine = Engine::new(
-        source.clone(),
-        args.cache
-            .engine_config(source.id(), args.prefetch_concurrency)?,
-        |stats| group.tiers(stats),
-    )?;
+    let mut cfg = args
+        .cache
+        .engine_config(source.id(), args.prefetch_concurrency)?;
+    cfg.peer_verify_sample = group.verify_sample;
+    let engine = Engine::new(source.clone(), cfg, |stats| group.tiers(stats))?;
     let preload = (!args.preload.is_empty()).then(|| Preload::new(&engine, args.preload.clone()));
     group.serve(&engine, rt.handle(), Some(&mp))?;
     let fs = ModelFs::new(engine, rt.handle().clone(), SystemTime::now());

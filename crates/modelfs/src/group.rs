@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use modelfs_engine::peer::{
     self, ChunkAsker, Membership, PeerClient, PeerSpec, PeerTier, Redirects, TlsAcceptor, TlsFiles,
     WarmupTier,
@@ -43,6 +43,18 @@ pub struct GroupArgs {
     /// already hold a chunk to further askers instead (0: one at a time, always naming them)
     #[arg(long, default_value_t = 4)]
     pub peer_upload_limit: usize,
+    /// Fraction of the chunks peers and the warm-up service send (0 to 1) that is read from the
+    /// origin too and compared; a server whose chunk differs is never asked again. Costs RATE x
+    /// the bytes got from them in origin traffic
+    // Text, parsed in `Group::start`: clap's own error for a bad number
+    // (or a negative one, taken for a flag) is several lines.
+    #[arg(
+        long,
+        value_name = "RATE",
+        default_value = "0",
+        allow_hyphen_values = true
+    )]
+    pub peer_verify_sample: String,
     #[command(flatten)]
     pub tls: PeerTlsArgs,
 }
@@ -92,6 +104,8 @@ pub struct Group {
     /// port's slot queue must not outlast it.
     peer_timeout: std::time::Duration,
     origin_budget: std::time::Duration,
+    /// `--peer-verify-sample`, for the engine, which checks its range.
+    pub verify_sample: f64,
 }
 
 impl Group {
@@ -125,6 +139,12 @@ impl Group {
             None => None,
         };
         let timeout = secs(a.peer_timeout, "--peer-timeout")?;
+        let verify_sample = a.peer_verify_sample.trim().parse().map_err(|_| {
+            anyhow!(
+                "--peer-verify-sample {}: give the fraction of chunks to check, from 0 to 1",
+                a.peer_verify_sample
+            )
+        })?;
         let node = peer::new_node_id();
         let tls = a.tls.files();
         let acceptor = match (&tls, a.listen) {
@@ -173,6 +193,7 @@ impl Group {
             upload_limit: a.peer_upload_limit,
             peer_timeout: timeout,
             origin_budget,
+            verify_sample,
         })
     }
 
@@ -198,6 +219,7 @@ impl Group {
                 base: base.clone(),
                 asker: asker(),
                 backoff_until: Default::default(),
+                distrusted: Default::default(),
             }));
         }
         t

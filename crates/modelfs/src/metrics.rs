@@ -127,6 +127,14 @@ fn describe() {
         "modelfs_peer_errors_total",
         "Failed requests to peers and the warm-up service"
     );
+    describe_counter!(
+        "modelfs_peer_chunks_verified_total",
+        "Chunks from peers and the warm-up service also read from the origin and compared (--peer-verify-sample)"
+    );
+    describe_counter!(
+        "modelfs_peer_lies_caught_total",
+        "Chunks from peers and the warm-up service that differed from the origin's; their senders are no longer asked"
+    );
     describe_gauge!(
         "modelfs_cache_used_bytes",
         Unit::Bytes,
@@ -181,6 +189,8 @@ fn copy_counters(engine: &Engine) {
             "modelfs_peer_errors_total",
             s.peers.values().map(|c| c.errors).sum(),
         ),
+        ("modelfs_peer_chunks_verified_total", s.peer_chunks_verified),
+        ("modelfs_peer_lies_caught_total", s.peer_lies_caught),
     ] {
         counter!(name).absolute(v);
     }

@@ -56,6 +56,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         peer_token_file: Some(a.peer_token_file.clone()),
         peer_timeout: 5.0,
         peer_upload_limit: 0,
+        peer_verify_sample: "0".into(),
         tls: a.tls.clone(),
         metrics_listen: a.metrics_listen,
     };

@@ -55,6 +55,25 @@ fn each_bad_input_has_its_error() {
         &["--chunk-size", "1000"],
         "multiple of 4KiB",
     );
+    for bad in [
+        "-0.5",
+        "--peer-verify-sample=-1",
+        "1.5",
+        "NaN",
+        "inf",
+        "lots",
+        "",
+    ] {
+        let args = match bad.strip_prefix("--") {
+            Some(_) => vec![bad],
+            None => vec!["--peer-verify-sample", bad],
+        };
+        call(
+            base(&src, &mnt),
+            &args,
+            "give the fraction of chunks to check",
+        );
+    }
     call(
         vec![
             "mount".into(),

@@ -768,6 +768,10 @@ impl ChunkStore {
             return false;
         };
         e.present_bytes += r.len;
+        // Pinned whole yet missing chunks: its file was retired under a pin.
+        if e.whole_pins > 0 {
+            inner.pinned += r.len;
+        }
         let tick = inner.lru.touch((r.key, r.i), None);
         inner.cached += 1;
         if let Some(s) = inner
@@ -898,7 +902,8 @@ impl ChunkStore {
             }
             let bytes = e.present_bytes;
             if e.whole_pins > 0 {
-                // Only when its files vanished: a pinned file is never evicted.
+                // Only when its files vanished or held a liar's chunk: a
+                // pinned file is never evicted.
                 inner.pinned -= bytes;
             }
             let files = self.reopen(key, e);
@@ -980,6 +985,40 @@ impl ChunkStore {
         }
         drop(inner);
         self.room.notify_waiters();
+    }
+
+    /// Drops chunk `i` of cache file `key`, if cached: it came from a server
+    /// caught lying since. A chunk nobody holds in a file the kernel cannot
+    /// map is punched; otherwise the whole file is retired, as eviction
+    /// does: holders keep what they have, and the next reads fetch again.
+    /// `false` if it was not cached.
+    pub(crate) fn discard(&self, key: u128, i: u64) -> bool {
+        let mut inner = self.inner.lock();
+        let Some(e) = inner.files.get(&key) else {
+            return false;
+        };
+        let Some(s) = e
+            .slots
+            .get(i as usize)
+            .filter(|s| s.state == State::Present)
+        else {
+            return false;
+        };
+        let plan = if e.exposed || e.whole_pins > 0 || s.pins > 0 {
+            Plan {
+                retire: vec![key],
+                ..Plan::default()
+            }
+        } else {
+            Plan {
+                chunks: vec![(key, i)],
+                ..Plan::default()
+            }
+        };
+        let victims = self.apply(&mut inner, plan);
+        drop(inner);
+        self.punch(victims);
+        true
     }
 
     /// Waits until room may have appeared, or `timeout`.

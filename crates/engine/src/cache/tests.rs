@@ -444,3 +444,37 @@ fn a_mapped_read_pins_its_chunk_until_dropped() {
     assert!(s.read(&f, 0, 0..1).is_none(), "chunk 0 was evicted");
     assert_eq!(&s.read(&h, 0, 0..CS).unwrap()[..], &chunk(&h, 0)[..]);
 }
+
+#[test]
+fn a_liars_chunk_is_dropped_even_from_a_file_pinned_whole() {
+    let d = tempfile::tempdir().unwrap();
+    let s = store(d.path(), 8 * CS);
+    let f = s.file(&fv("a", 2 * CS));
+    put(&s, &f, 0, Mode::Read).unwrap();
+    put(&s, &f, 1, Mode::Read).unwrap();
+    assert!(s.discard(f.key, 0), "punched");
+    assert!(!s.contains(&f, 0) && s.contains(&f, 1));
+    assert!(!s.discard(f.key, 0), "no longer cached");
+    assert_eq!(s.usage(), (CS, 1));
+
+    // Open through passthrough: its readers keep the bytes they map, the
+    // file is retired, and what is fetched again is pinned with it.
+    put(&s, &f, 0, Mode::Read).unwrap();
+    let pin = s.pin_whole(&f).unwrap();
+    // SAFETY: the store promises the file's bytes never change under a map.
+    let map = unsafe { memmap2::Mmap::map(&pin.file).unwrap() };
+    assert!(s.discard(f.key, 1));
+    assert!(!s.contains(&f, 0) && !s.contains(&f, 1));
+    assert_eq!(&map[..CS as usize], &chunk(&f, 0)[..]);
+    assert_eq!(s.retired_bytes(), 2 * CS);
+    put(&s, &f, 0, Mode::Read).unwrap();
+    drop(pin);
+    drop(map);
+    assert_eq!(s.usage(), (CS, 1));
+    // Unpinned as much as was pinned: prefetch has its window (half the
+    // cache) again, which a miscount would have shrunk to nothing.
+    let g = s.file(&fv("b", 4 * CS));
+    for i in 0..4 {
+        assert_eq!(put(&s, &g, i, Mode::Prefetch), Some(true));
+    }
+}

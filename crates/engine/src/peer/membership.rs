@@ -1,6 +1,6 @@
 //! Who is in the group: a static list or a DNS name re-resolved every few
 //! seconds (A and AAAA), minus peers that failed recently (backed off for a
-//! while). A DNS name that does not resolve yet is no error: a new headless
+//! while) and peers caught lying (for good). A DNS name that does not resolve yet is no error: a new headless
 //! Service has no records until its pods exist, so the node starts alone.
 
 use std::collections::{HashMap, HashSet};
@@ -60,6 +60,11 @@ pub struct Membership {
     members: Mutex<Vec<SocketAddr>>,
     backoff: Mutex<HashMap<SocketAddr, Instant>>,
     backoff_for: Duration,
+    /// Peers that sent a chunk that differs from the origin's: never asked
+    /// again while this process runs, and no owners here, so the chunks
+    /// they owned get another. Kept across membership changes: a liar that
+    /// leaves and comes back is the same liar.
+    quarantined: Mutex<HashSet<SocketAddr>>,
 }
 
 fn local_ips() -> Vec<IpAddr> {
@@ -130,6 +135,7 @@ impl Membership {
             members: Mutex::new(members),
             backoff: Mutex::default(),
             backoff_for: Duration::from_secs(10),
+            quarantined: Mutex::default(),
         });
         if matches!(m.spec, PeerSpec::Dns(..)) {
             let weak = Arc::downgrade(&m);
@@ -185,17 +191,22 @@ impl Membership {
         }
     }
 
-    /// Members not backed off, this node included.
+    /// Members neither backed off nor quarantined, this node included.
     pub fn live(&self) -> Vec<SocketAddr> {
         let now = Instant::now();
         let mut backoff = self.backoff.lock();
         backoff.retain(|_, until| *until > now);
+        let quarantined = self.quarantined.lock();
         self.members
             .lock()
             .iter()
-            .filter(|m| !backoff.contains_key(m))
+            .filter(|m| !backoff.contains_key(m) && !quarantined.contains(m))
             .copied()
             .collect()
+    }
+
+    pub fn quarantine(&self, peer: SocketAddr) {
+        self.quarantined.lock().insert(peer);
     }
 
     pub fn back_off(&self, peer: SocketAddr) {
@@ -286,5 +297,19 @@ mod tests {
         assert_eq!(m.live(), vec![a, b]);
         m.update(vec![a]);
         assert!(m.is_me(a), "kept across membership changes");
+    }
+
+    #[tokio::test]
+    async fn a_quarantined_peer_is_never_live_again() {
+        let a: SocketAddr = "127.0.0.2:7070".parse().unwrap();
+        let b: SocketAddr = "127.0.0.3:7070".parse().unwrap();
+        let m = Membership::start(PeerSpec::Static(vec![a.to_string(), b.to_string()]), None)
+            .await
+            .unwrap();
+        m.quarantine(b);
+        assert_eq!(m.live(), vec![a]);
+        m.update(vec![b]);
+        m.update(vec![a, b]);
+        assert_eq!(m.live(), vec![a], "kept across membership changes");
     }
 }

@@ -51,6 +51,12 @@ pub(crate) fn chunk_key(object: &str, version: &str, index: u64) -> String {
 /// A random id for this node, fresh at every start.
 pub fn new_node_id() -> String {
     let mut b = [0u8; 16];
+    random_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Fills `b` from the kernel's random source (at most 256 bytes).
+pub(crate) fn random_bytes(b: &mut [u8]) {
     // SAFETY: getrandom writes at most b.len() bytes into b.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != b.len() as isize {
@@ -59,10 +65,12 @@ pub fn new_node_id() -> String {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos();
-        let seed = format!("{t}-{}", std::process::id());
-        b = xxhash_rust::xxh3::xxh3_128(seed.as_bytes()).to_le_bytes();
+        for (i, piece) in b.chunks_mut(16).enumerate() {
+            let seed = format!("{t}-{}-{i}", std::process::id());
+            let h = xxhash_rust::xxh3::xxh3_128(seed.as_bytes()).to_le_bytes();
+            piece.copy_from_slice(&h[..piece.len()]);
+        }
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Reads the group token from a file (trailing whitespace dropped).

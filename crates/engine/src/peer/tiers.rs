@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::{chunk_key, order, ranked, ChunkRequest, Membership, Owners, PeerClient};
 use crate::stats::{add, Stats};
-use crate::tier::{record_fetch, Tier};
+use crate::tier::{record_fetch, Answer, Tier};
 use crate::{Error, FileVersion, Result};
 
 /// The object's name that every node shares: its source URL and path.
@@ -79,7 +79,7 @@ impl ChunkAsker {
 
 /// Any error but a plain miss or a redirect: the server is backed off for a
 /// while.
-fn failed(r: &Result<Bytes>) -> bool {
+fn failed<T>(r: &Result<T>) -> bool {
     matches!(r, Err(e) if !matches!(e, Error::NotFound(_) | Error::Redirected(_)))
 }
 
@@ -119,7 +119,14 @@ impl Tier for PeerTier {
         Some(order::sweep(n_chunks, owned, start))
     }
 
-    async fn fetch(&self, file: &FileVersion, index: u64, range: Range<u64>) -> Result<Bytes> {
+    /// Its servers are named by their addresses (see `fetch`).
+    fn distrust(&self, server: &str) {
+        if let Ok(peer) = server.parse() {
+            self.membership.quarantine(peer);
+        }
+    }
+
+    async fn fetch(&self, file: &FileVersion, index: u64, range: Range<u64>) -> Result<Answer> {
         let key = chunk_key(&object(&self.asker.source, file), &file.version, index);
         let ranked = ranked(key.as_bytes(), &self.membership.live());
         // Each pass either answers or learns that one more address is this
@@ -146,7 +153,7 @@ impl Tier for PeerTier {
             if let Err(Error::Redirected(holders)) = r {
                 add(&self.asker.stats.redirects_followed, 1);
                 r = match self.ask_holders(&holders, file, index, &range).await {
-                    Some(b) => Ok(b),
+                    Some(got) => Ok(got),
                     // None had it: the owner again, which now sends it
                     // itself, so a redirect happens once per fetch at most.
                     None => self.ask(peer, file, index, &range, Ask::Fetch).await,
@@ -160,7 +167,10 @@ impl Tier for PeerTier {
             if failed(&r) {
                 m.back_off(peer);
             }
-            return r;
+            return r.map(|(from, bytes)| Answer {
+                bytes,
+                server: Some(from.to_string()),
+            });
         }
         Err(Error::Unavailable(
             "every peer address is this node's own".into(),
@@ -176,24 +186,25 @@ impl PeerTier {
         index: u64,
         range: &Range<u64>,
         ask: Ask,
-    ) -> Result<Bytes> {
+    ) -> Result<(SocketAddr, Bytes)> {
         let name = peer.to_string();
         let base = format!("{}://{name}", self.scheme);
         self.asker
             .ask(&base, &name, file, index, range.clone(), ask)
             .await
+            .map(|b| (peer, b))
     }
 
-    /// The chunk from the first of `holders` that has it cached. Only live
-    /// members other than this node are asked: a holder list is a peer's
-    /// word, and this node's token goes nowhere else.
+    /// The first of `holders` that has the chunk cached, and the chunk.
+    /// Only live members other than this node are asked: a holder list is a
+    /// peer's word, and this node's token goes nowhere else.
     async fn ask_holders(
         &self,
         holders: &[SocketAddr],
         file: &FileVersion,
         index: u64,
         range: &Range<u64>,
-    ) -> Option<Bytes> {
+    ) -> Option<(SocketAddr, Bytes)> {
         let m = &self.membership;
         let mut asked = Vec::with_capacity(super::holders::PER_CHUNK);
         for &h in holders {
@@ -209,9 +220,9 @@ impl PeerTier {
             asked.push(h);
             let r = self.ask(h, file, index, range, Ask::Cached).await;
             match r {
-                Ok(b) => {
+                Ok(got) => {
                     add(&self.asker.stats.chunks_from_holders, 1);
-                    return Some(b);
+                    return Some(got);
                 }
                 Err(Error::ToSelf(_)) => m.mark_self(h),
                 Err(_) if failed(&r) => m.back_off(h),
@@ -227,6 +238,8 @@ pub struct WarmupTier {
     pub base: String,
     pub asker: ChunkAsker,
     pub backoff_until: Mutex<Option<Instant>>,
+    /// It sent a chunk that differs from the origin's: never asked again.
+    pub distrusted: AtomicBool,
 }
 
 #[async_trait]
@@ -239,7 +252,16 @@ impl Tier for WarmupTier {
         &stats.bytes_from_warmup
     }
 
-    async fn fetch(&self, file: &FileVersion, index: u64, range: Range<u64>) -> Result<Bytes> {
+    fn distrust(&self, _server: &str) {
+        self.distrusted.store(true, Relaxed);
+    }
+
+    async fn fetch(&self, file: &FileVersion, index: u64, range: Range<u64>) -> Result<Answer> {
+        if self.distrusted.load(Relaxed) {
+            return Err(Error::Unavailable(
+                "the warm-up service sent a wrong chunk before".into(),
+            ));
+        }
         if self
             .backoff_until
             .lock()
@@ -257,6 +279,9 @@ impl Tier for WarmupTier {
         if failed(&r) {
             *self.backoff_until.lock() = Some(Instant::now() + Duration::from_secs(10));
         }
-        r
+        r.map(|bytes| Answer {
+            bytes,
+            server: Some(self.base.clone()),
+        })
     }
 }

@@ -1,0 +1,358 @@
+//! `--peer-verify-sample`: a peer that sends wrong bytes with a crc32c of
+//! its own making passes the transfer check; a node that also reads a
+//! sample of the chunks from the origin catches it, serves the origin's
+//! bytes, never asks it again and drops what it sent before. (A peer whose
+//! crc32c does not match is group.rs's.) Every node listens on its own
+//! loopback address (127.0.0.10N).
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A peer that answers every chunk request at once with wrong bytes of the
+/// right length and the crc32c of those bytes; it counts the requests.
+/// Stops accepting when dropped (its connections end with the node's).
+struct Liar {
+    addr: String,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Liar {
+    fn start(ip: &str) -> Liar {
+        let l = TcpListener::bind(format!("{ip}:0")).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s) = (requests.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(SeqCst) {
+                match l.accept() {
+                    Ok((conn, _)) => {
+                        let r = r.clone();
+                        std::thread::spawn(move || lie(conn, &r));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Liar {
+            addr,
+            requests,
+            stop,
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(SeqCst)
+    }
+}
+
+impl Drop for Liar {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+    }
+}
+
+/// Answers the requests of one keep-alive connection.
+fn lie(mut conn: TcpStream, requests: &AtomicUsize) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut buf = vec![];
+    loop {
+        let end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            let mut piece = [0u8; 4096];
+            match conn.read(&mut piece) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&piece[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        requests.fetch_add(1, SeqCst);
+        // GET /v1/chunk?object=..&size=N&chunk_size=C&index=I.. HTTP/1.1
+        let target = head.split_whitespace().nth(1).unwrap_or_default();
+        let query = target.split_once('?').map_or("", |(_, q)| q);
+        let param = |k: &str| -> u64 {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let (size, cs, index) = (param("size"), param("chunk_size"), param("index"));
+        let len = cs.min(size.saturating_sub(index * cs)) as usize;
+        let body = vec![0x5a; len];
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nx-modelfs-crc32c: {:08x}\r\n\r\n",
+            crc32c::crc32c(&body)
+        );
+        if conn.write_all(answer.as_bytes()).is_err() || conn.write_all(&body).is_err() {
+            return;
+        }
+    }
+}
+
+/// A child killed when dropped, so a stalled reader never outlives a failed
+/// test (and never holds the mount busy).
+struct Kid(Child);
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `cmds` at once; whether each succeeded, all within `bound`.
+fn all_within(cmds: Vec<Command>, bound: Duration) -> Vec<bool> {
+    let t = Instant::now();
+    let mut kids: Vec<Kid> = cmds
+        .into_iter()
+        .map(|mut c| Kid(c.spawn().unwrap()))
+        .collect();
+    let mut done = vec![None; kids.len()];
+    while done.iter().any(Option::is_none) {
+        for (k, d) in kids.iter_mut().zip(&mut done) {
+            if d.is_none() {
+                *d = k.0.try_wait().unwrap().map(|st| st.success());
+            }
+        }
+        assert!(t.elapsed() < bound, "reading took longer than {bound:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    done.into_iter().map(Option::unwrap).collect()
+}
+
+fn cmp(want: &Path, got: &Path) -> Command {
+    let mut c = Command::new("cmp");
+    c.arg(want).arg(got);
+    c
+}
+
+const BOUND: Duration = Duration::from_secs(60);
+
+/// One node in a group of two: itself and `liar`, which owns about half of
+/// the chunks and is asked for a cached copy of the rest.
+fn node_with_liar(w: &Work, liar: &Liar, ip: &str, extra: &[&str]) -> Mount {
+    let token = token_file(w.dir.path());
+    let me = format!("{ip}:{}", free_port());
+    let peers = format!("{me},{}", liar.addr);
+    let log = w.dir.path().join("node.log");
+    let mut args = vec![
+        "--listen",
+        &me,
+        "--peers",
+        &peers,
+        "--peer-token-file",
+        token.to_str().unwrap(),
+        "--log-file",
+        log.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    w.mount(&args)
+}
+
+#[test]
+fn a_lying_peer_is_caught_never_served_and_never_asked_again() {
+    let w = Work::new();
+    let a = write_file(&w.src().join("a.bin"), (24 << 20) + 12345, 101);
+    let b = write_file(&w.src().join("b.bin"), 8 << 20, 102);
+    let liar = Liar::start("127.0.0.100");
+    let m = node_with_liar(
+        &w,
+        &liar,
+        "127.0.0.101",
+        &["--chunk-size", "1MiB", "--peer-verify-sample", "1"],
+    );
+    let ok = all_within(vec![cmp(&w.src().join("a.bin"), &m.path("a.bin"))], BOUND);
+    assert!(ok[0], "a wrong byte reached the reader");
+    let s = m.stats();
+    let caught = s["peer_lies_caught"].as_u64().unwrap();
+    assert!(caught >= 1, "{s}");
+    assert_eq!(s["peers"][&liar.addr]["lies"].as_u64(), Some(caught), "{s}");
+    // Every answer of the liar that was not dropped unread was compared.
+    assert_eq!(s["peer_chunks_verified"].as_u64(), Some(caught), "{s}");
+    assert_eq!(s["bytes_from_peers"].as_u64(), Some(0), "{s}");
+    // Each chunk read from the origin once: the check's read is what a
+    // caught chunk is served from.
+    assert_eq!(s["bytes_from_source"].as_u64(), Some(a.len() as u64), "{s}");
+    let asked = liar.requests();
+    assert!(asked as u64 >= caught);
+
+    // Quarantined: it owns nothing here any more.
+    let ok = all_within(vec![cmp(&w.src().join("b.bin"), &m.path("b.bin"))], BOUND);
+    assert!(ok[0], "a wrong byte reached the reader");
+    assert_eq!(liar.requests(), asked, "the liar was asked again");
+    let s = m.stats();
+    assert_eq!(
+        s["bytes_from_source"].as_u64(),
+        Some((a.len() + b.len()) as u64),
+        "{s}"
+    );
+    assert_eq!(s["peer_lies_caught"].as_u64(), Some(caught), "{s}");
+    assert_eq!(s["read_errors"].as_u64(), Some(0), "{s}");
+
+    let log = std::fs::read_to_string(w.dir.path().join("node.log")).unwrap();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("differs from the origin"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains(&liar.addr), "{}", lines[0]);
+}
+
+#[test]
+fn what_a_liar_sent_before_it_was_caught_is_dropped_from_the_cache() {
+    let w = Work::new();
+    write_file(&w.src().join("a.bin"), 8 << 20, 103);
+    let liar = Liar::start("127.0.0.102");
+    // One chunk in four compared: the liar, asked first for each of 128
+    // chunks, goes uncaught with odds of 0.75^128.
+    let m = node_with_liar(
+        &w,
+        &liar,
+        "127.0.0.103",
+        &["--chunk-size", "64KiB", "--peer-verify-sample", "0.25"],
+    );
+    let mut cat = Command::new("cat");
+    cat.arg(m.path("a.bin")).stdout(std::process::Stdio::null());
+    assert!(all_within(vec![cat], BOUND)[0]);
+    let s = m.stats();
+    assert!(s["peer_lies_caught"].as_u64().unwrap() >= 1, "{s}");
+    let verified = s["peer_chunks_verified"].as_u64().unwrap();
+    let asked = liar.requests();
+    eprintln!(
+        "{asked} requests to the liar, {verified} compared, {} bytes served from it, {} chunks evicted",
+        s["bytes_from_peers"], s["chunks_evicted"]
+    );
+    // Unchecked chunks it sent before it was caught may have reached that
+    // reader; none is left for the next.
+    drop_page_cache(&m.path("a.bin"));
+    let ok = all_within(vec![cmp(&w.src().join("a.bin"), &m.path("a.bin"))], BOUND);
+    assert!(ok[0], "a chunk the liar sent is still cached");
+    assert_eq!(liar.requests(), asked, "the liar was asked again");
+}
+
+#[test]
+fn a_lying_warmup_service_is_caught_and_never_asked_again() {
+    let w = Work::new();
+    let a = write_file(&w.src().join("a.bin"), (6 << 20) + 777, 106);
+    let b = write_file(&w.src().join("b.bin"), 3 << 20, 107);
+    let liar = Liar::start("127.0.0.106");
+    let token = token_file(w.dir.path());
+    let warmup = format!("http://{}", liar.addr);
+    let m = w.mount(&[
+        "--warmup-service",
+        &warmup,
+        "--peer-token-file",
+        token.to_str().unwrap(),
+        "--chunk-size",
+        "1MiB",
+        "--peer-verify-sample",
+        "1",
+    ]);
+    let ok = all_within(vec![cmp(&w.src().join("a.bin"), &m.path("a.bin"))], BOUND);
+    assert!(ok[0], "a wrong byte reached the reader");
+    let asked = liar.requests();
+    let ok = all_within(vec![cmp(&w.src().join("b.bin"), &m.path("b.bin"))], BOUND);
+    assert!(ok[0], "a wrong byte reached the reader");
+    assert_eq!(
+        liar.requests(),
+        asked,
+        "the warm-up service was asked again"
+    );
+    let s = m.stats();
+    assert!(s["peer_lies_caught"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["peers"][&warmup]["lies"].as_u64().unwrap() >= 1, "{s}");
+    assert_eq!(s["bytes_from_warmup"].as_u64(), Some(0), "{s}");
+    assert_eq!(
+        s["bytes_from_source"].as_u64(),
+        Some((a.len() + b.len()) as u64),
+        "{s}"
+    );
+}
+
+/// A node of an honest group: its own mount point and cache.
+/// Fields drop in order: the mount goes before its directories.
+struct Node {
+    mount: Mount,
+    _work: Work,
+}
+
+#[test]
+fn an_honest_group_checking_every_chunk_catches_no_lie() {
+    let w = Work::new();
+    let cs = 1u64 << 20;
+    let sizes = [(20 << 20) + 300_000, 7 << 20];
+    for (i, size) in sizes.iter().enumerate() {
+        write_file(&w.src().join(format!("f{i}.bin")), *size, 104 + i as u64);
+    }
+    let total: u64 = sizes.iter().map(|&s| s as u64).sum();
+    let chunks: u64 = sizes.iter().map(|&s| (s as u64).div_ceil(cs)).sum();
+    let token = token_file(w.dir.path());
+    let port = free_port();
+    let addrs = [format!("127.0.0.104:{port}"), format!("127.0.0.105:{port}")];
+    let all = addrs.join(",");
+    let nodes: Vec<Node> = addrs
+        .iter()
+        .map(|me| {
+            let work = Work::new();
+            let mount = Mount::new(
+                w.src().to_str().unwrap(),
+                &work.mnt(),
+                work.cache.path(),
+                &[
+                    "--listen",
+                    me,
+                    "--peers",
+                    &all,
+                    "--peer-token-file",
+                    token.to_str().unwrap(),
+                    "--chunk-size",
+                    "1MiB",
+                    "--peer-verify-sample",
+                    "1",
+                ],
+                &[],
+            );
+            Node { mount, _work: work }
+        })
+        .collect();
+    // Both nodes read everything at once.
+    let cmps = nodes
+        .iter()
+        .flat_map(|n| {
+            (0..sizes.len()).map(|i| {
+                let f = format!("f{i}.bin");
+                cmp(&w.src().join(&f), &n.mount.path(&f))
+            })
+        })
+        .collect();
+    assert!(
+        all_within(cmps, BOUND).into_iter().all(|ok| ok),
+        "a node read different bytes"
+    );
+    let sum = |k: &str| -> u64 { nodes.iter().map(|n| n.mount.stat_u64(k)).sum() };
+    for n in &nodes {
+        let s = n.mount.stats();
+        assert_eq!(s["peer_lies_caught"].as_u64(), Some(0), "{s}");
+        assert_eq!(s["read_errors"].as_u64(), Some(0), "{s}");
+    }
+    // Each chunk went from the origin to its owner, from the owner to the
+    // other node, which read it from the origin again to compare.
+    assert_eq!(sum("peer_chunks_verified"), chunks);
+    assert_eq!(sum("bytes_from_peers"), total);
+    assert_eq!(sum("bytes_from_source"), 2 * total);
+}
