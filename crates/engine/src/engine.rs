@@ -213,7 +213,7 @@ impl Engine {
             let rel = offset.max(base) - base..end.min(base + cs) - base;
             // A piece of a fetched chunk holds the in-flight budget: one part
             // must not keep it while another part waits for it.
-            self.read_chunk(&h.cf, i, rel).map_ok(move |b| {
+            self.read_chunk(&h.cf, i, rel, !several).map_ok(move |b| {
                 if several {
                     Bytes::copy_from_slice(&b)
                 } else {
@@ -242,8 +242,16 @@ impl Engine {
         cf: &Arc<CacheFile>,
         i: u64,
         rel: Range<u64>,
+        map: bool,
     ) -> Result<Bytes> {
-        if let Some(b) = self.store.read_mapped(cf, i, rel.clone()) {
+        // A part of a read that spans chunks is copied at once: mapping it
+        // would cost more than reading it.
+        let hit = if map {
+            self.store.read_mapped(cf, i, rel.clone())
+        } else {
+            self.store.read(cf, i, rel.clone())
+        };
+        if let Some(b) = hit {
             add(&self.stats.cache_hits, 1);
             add(&self.stats.bytes_from_cache, b.len() as u64);
             return Ok(b);

@@ -233,6 +233,10 @@ pub struct ChunkStore {
     retired: Retired,
     /// Woken when room may have appeared (a chunk read, evicted or released).
     room: Notify,
+    /// Cache hits are answered from a mapping only on tmpfs: there a page
+    /// cannot fail to read, while a disk's I/O error under a mapping would
+    /// be EIO for the reader (or SIGBUS) instead of a fetch again.
+    map_hits: bool,
 }
 
 fn key_of(source_id: &str, chunk_size: u64, f: &FileVersion) -> u128 {
@@ -247,6 +251,11 @@ fn out_of_space(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
+pub(super) fn on_tmpfs(dir: &std::path::Path) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
 const REGROW_AFTER: Duration = Duration::from_secs(10);
 
 impl ChunkStore {
@@ -255,6 +264,7 @@ impl ChunkStore {
     /// Refuses a capacity the cache dir's filesystem cannot give.
     pub fn open(cfg: CacheConfig, stats: Arc<Stats>) -> Result<Arc<Self>> {
         let dir = CacheDir::open(&cfg.dir)?;
+        let map_hits = on_tmpfs(&cfg.dir);
         let store = Arc::new(ChunkStore {
             inner: Mutex::new(Inner {
                 files: HashMap::new(),
@@ -272,6 +282,7 @@ impl ChunkStore {
             stats,
             retired: Retired::default(),
             room: Notify::new(),
+            map_hits,
         });
         store.restore();
         let held = store.inner.lock().used;
@@ -563,21 +574,29 @@ impl ChunkStore {
         }
         let base = cf.chunk_range(i).start;
         // `Err(true)`: the bytes are wrong; `Err(false)`: they could not be read.
-        let out = if let (true, Some(store)) = (verified, map_for) {
-            match files.map(base + range.start, range.end - range.start) {
-                Ok(map) => {
-                    return Some(Bytes::from_owner(Mapped {
-                        map,
-                        _pin: ChunkPin {
-                            store: Arc::clone(store),
-                            key: cf.key,
-                            gen,
-                            i,
-                        },
-                    }));
-                }
-                Err(_) => Err(false),
-            }
+        debug_assert!(range.end <= cf.chunk_len(i));
+        // A failed mapping (map count, memory) reads the chunk instead.
+        let map = map_for
+            .filter(|_| verified && self.map_hits)
+            .and_then(|store| {
+                Some((
+                    store,
+                    files
+                        .map(base + range.start, range.end - range.start)
+                        .ok()?,
+                ))
+            });
+        let out = if let Some((store, map)) = map {
+            drop(files);
+            return Some(Bytes::from_owner(Mapped {
+                map,
+                _pin: ChunkPin {
+                    store: Arc::clone(store),
+                    key: cf.key,
+                    gen,
+                    i,
+                },
+            }));
         } else if verified {
             files
                 .read(base + range.start, range.end - range.start)
@@ -1155,6 +1174,10 @@ impl Drop for ChunkPin {
             let s = &mut e.slots[self.i as usize];
             s.pins -= 1;
         }
+        drop(inner);
+        // A chunk that was pinned may have been all that stood in the way
+        // of room.
+        self.store.room.notify_waiters();
     }
 }
 

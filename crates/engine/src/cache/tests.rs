@@ -414,7 +414,9 @@ fn files_removed_behind_the_cache_leave_its_accounting() {
 
 #[test]
 fn a_mapped_read_pins_its_chunk_until_dropped() {
-    let d = tempfile::tempdir().unwrap();
+    // Hits are mapped only from tmpfs.
+    let d = tempfile::tempdir_in("/dev/shm").unwrap();
+    assert!(store::on_tmpfs(d.path()), "/dev/shm is not tmpfs here");
     let s = store(d.path(), 2 * CS);
     let f = s.file(&fv("a", 2 * CS));
     for i in 0..2 {
@@ -477,4 +479,28 @@ fn a_liars_chunk_is_dropped_even_from_a_file_pinned_whole() {
     for i in 0..4 {
         assert_eq!(put(&s, &g, i, Mode::Prefetch), Some(true));
     }
+}
+
+#[test]
+fn a_chunk_discarded_while_mapped_keeps_the_mapped_bytes_and_its_new_copy_unpins() {
+    let d = tempfile::tempdir_in("/dev/shm").unwrap();
+    let s = store(d.path(), CS);
+    let f = s.file(&fv("a", CS));
+    assert_eq!(put(&s, &f, 0, Mode::Read), Some(true));
+    let old = s.read_mapped(&f, 0, 0..CS).unwrap();
+    // Pinned by the mapping: the whole file is retired, not punched.
+    assert!(s.discard(f.key, 0));
+    assert!(!s.contains(&f, 0));
+    assert_eq!(&old[..], &chunk(&f, 0)[..]);
+    assert_eq!(put(&s, &f, 0, Mode::Read), Some(true), "cached again");
+    let new = s.read_mapped(&f, 0, 0..CS).unwrap();
+    // The old pin belongs to the retired generation: dropping it leaves
+    // the new copy pinned by `new` alone.
+    drop(old);
+    let g = s.file(&fv("b", CS));
+    assert_eq!(put(&s, &g, 0, Mode::Read), None, "a's chunk is still mapped");
+    assert_eq!(&new[..], &chunk(&f, 0)[..]);
+    drop(new);
+    assert_eq!(put(&s, &g, 0, Mode::Read), Some(true), "unpinned at last");
+    assert!(!s.contains(&f, 0));
 }
