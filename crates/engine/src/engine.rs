@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::TryFutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 
 use crate::cache::{CacheConfig, CacheFile, ChunkStore, Mode, Reserve, WholeFilePin};
 use crate::namespace::Namespace;
@@ -338,6 +338,17 @@ impl Engine {
                         want == Want::Read,
                     )
                     .await?;
+                // Its sender caught lying while this chunk was on its way:
+                // no waiter gets it, the origin's is fetched instead.
+                let got = match got.unchecked_from {
+                    Some(ref from) if engine.caught(from) => Fetched {
+                        bytes: engine
+                            .read_origin(&cf, i, cf.chunk_range(i), want == Want::Read)
+                            .await?,
+                        unchecked_from: None,
+                    },
+                    _ => got,
+                };
                 if let Some(r) = room {
                     if engine.store.commit(r, &got.bytes) {
                         engine.remember(&cf, i, got.unchecked_from);
@@ -502,23 +513,33 @@ impl Engine {
         self.stats.peer(&server, |c| c.lies += 1);
         tier.distrust(&server);
         if let Some(sent) = v.caught(&server) {
-            let dropped = sent
-                .into_iter()
-                .filter(|&(key, i)| self.store.discard(key, i))
-                .count();
             error!(
                 peer = %server,
                 path = %cf.file.path,
                 chunk = index,
-                dropped,
+                sent = sent.len(),
                 "a chunk from this peer differs from the origin's: serving the origin's, \
                  never asking it again, dropping the chunks it sent before from the cache"
             );
+            // Up to 64 Ki punches: off the async workers, which serve reads.
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || {
+                let dropped = sent
+                    .into_iter()
+                    .filter(|&(key, i)| store.discard(key, i))
+                    .count();
+                info!(peer = %server, dropped, "dropped the chunks a lying peer sent unchecked");
+            });
         }
         Ok(Some(Fetched {
             bytes: origin,
             unchecked_from: None,
         }))
+    }
+
+    /// Whether `server` has been caught lying.
+    fn caught(&self, server: &str) -> bool {
+        self.verifier.as_ref().is_some_and(|v| v.is_liar(server))
     }
 
     /// Chunk `i`, now cached, came unchecked from `server`: it is dropped

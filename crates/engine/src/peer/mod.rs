@@ -60,7 +60,9 @@ pub(crate) fn random_bytes(b: &mut [u8]) {
     // SAFETY: getrandom writes at most b.len() bytes into b.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != b.len() as isize {
-        // No entropy source: time and pid still tell two processes apart.
+        // No entropy source: time and pid still tell two processes apart,
+        // but a peer could guess them (which chunks a node compares).
+        tracing::warn!("getrandom failed: node id and check secret come from time and pid");
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
