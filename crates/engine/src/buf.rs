@@ -134,6 +134,20 @@ impl Drop for Recycled {
 /// Appends exactly `len` bytes of `file` at `offset` to `buf`, reading into
 /// its spare capacity. A file shorter than that is an `UnexpectedEof`.
 pub fn pread_into(file: &File, buf: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
+    pread_blocks(file, buf, len, offset, 1)
+}
+
+/// As [`pread_into`], for a file opened with O_DIRECT (`buf`'s end, `len`
+/// and `offset` aligned to `block`): a read that ends off a block boundary
+/// met the end of the file, and the next one would be refused (EINVAL)
+/// instead of reading nothing.
+pub fn pread_blocks(
+    file: &File,
+    buf: &mut Vec<u8>,
+    len: usize,
+    offset: u64,
+    block: usize,
+) -> io::Result<()> {
     buf.reserve(len);
     let mut done = 0;
     while done < len {
@@ -167,6 +181,12 @@ pub fn pread_into(file: &File, buf: &mut Vec<u8>, len: usize, offset: u64) -> io
                 // SAFETY: the kernel initialised these `n` bytes.
                 unsafe { buf.set_len(buf.len() + n as usize) };
                 done += n as usize;
+                if done < len && n as usize % block != 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{done} of {len} bytes at {offset}: the file ends there"),
+                    ));
+                }
             }
         }
     }
