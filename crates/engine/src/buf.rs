@@ -181,7 +181,7 @@ pub fn pread_blocks(
                 // SAFETY: the kernel initialised these `n` bytes.
                 unsafe { buf.set_len(buf.len() + n as usize) };
                 done += n as usize;
-                if done < len && n as usize % block != 0 {
+                if done < len && !(n as usize).is_multiple_of(block) {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         format!("{done} of {len} bytes at {offset}: the file ends there"),
