@@ -498,7 +498,11 @@ fn a_chunk_discarded_while_mapped_keeps_the_mapped_bytes_and_its_new_copy_unpins
     // the new copy pinned by `new` alone.
     drop(old);
     let g = s.file(&fv("b", CS));
-    assert_eq!(put(&s, &g, 0, Mode::Read), None, "a's chunk is still mapped");
+    assert_eq!(
+        put(&s, &g, 0, Mode::Read),
+        None,
+        "a's chunk is still mapped"
+    );
     assert_eq!(&new[..], &chunk(&f, 0)[..]);
     drop(new);
     assert_eq!(put(&s, &g, 0, Mode::Read), Some(true), "unpinned at last");
