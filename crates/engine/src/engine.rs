@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::TryFutureExt;
+use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info};
 
@@ -40,6 +41,11 @@ pub struct EngineConfig {
     pub peer_verify_sample: f64,
 }
 
+/// Told that bytes of a file version were dropped from the cache because
+/// the server that sent them unchecked was caught lying (see
+/// [`Engine::on_dropped`]): the byte ranges of the source file, in order.
+pub type DroppedHook = Box<dyn Fn(&FileVersion, &[Range<u64>]) + Send + Sync>;
+
 pub struct Engine {
     source: Arc<dyn Source>,
     namespace: Namespace,
@@ -53,6 +59,7 @@ pub struct Engine {
     /// the budget, and a reader must not queue behind all of it.
     readers: Arc<Semaphore>,
     verifier: Option<Verifier>,
+    dropped: Arc<Mutex<Vec<DroppedHook>>>,
     stats: Arc<Stats>,
     cfg: EngineConfig,
 }
@@ -142,6 +149,7 @@ impl Engine {
             flights: SingleFlight::default(),
             prefetcher: Prefetcher::new(cfg.prefetch_concurrency),
             verifier: Verifier::new(rate),
+            dropped: Arc::default(),
             stats,
             cfg,
         }))
@@ -169,6 +177,21 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// Calls `hook` whenever chunks a server sent unchecked are dropped
+    /// because it was caught lying, with the byte ranges they held, whether
+    /// or not they were still cached: a front end that keeps copies of what
+    /// it served (a kernel's page cache) drops them too. It runs on the
+    /// thread that caught the lie, an async worker in the middle of a read,
+    /// so it must neither block nor wait on a read.
+    pub fn on_dropped(&self, hook: impl Fn(&FileVersion, &[Range<u64>]) + Send + Sync + 'static) {
+        self.dropped.lock().push(Box::new(hook));
+    }
+
+    /// Tells the hooks that `chunks` of `file` were dropped.
+    fn tell_dropped(&self, file: &FileVersion, chunks: &[u64]) {
+        tell_dropped(&self.dropped, self.cfg.chunk_size, file, chunks);
     }
 
     /// The order in which to fetch all of `file` (see `Tier::sweep_order`):
@@ -517,17 +540,29 @@ impl Engine {
                 peer = %server,
                 path = %cf.file.path,
                 chunk = index,
-                sent = sent.len(),
+                sent = sent.iter().map(|s| s.chunks.len()).sum::<usize>(),
                 "a chunk from this peer differs from the origin's: serving the origin's, \
                  never asking it again, dropping the chunks it sent before from the cache"
             );
             // Up to 64 Ki punches: off the async workers, which serve reads.
-            let store = self.store.clone();
+            // The kernel's pages go after the cache's, so a page it reads
+            // again comes from an honest source.
+            let (store, hooks, cs) = (
+                self.store.clone(),
+                self.dropped.clone(),
+                self.cfg.chunk_size,
+            );
             tokio::task::spawn_blocking(move || {
-                let dropped = sent
-                    .into_iter()
-                    .filter(|&(key, i)| store.discard(key, i))
-                    .count();
+                let mut dropped = 0;
+                for s in &sent {
+                    dropped += s
+                        .chunks
+                        .iter()
+                        .filter(|&&i| store.discard(s.key, i))
+                        .count();
+                    // Evicted ones too: a reader's page cache may hold them.
+                    tell_dropped(&hooks, cs, &s.file, &s.chunks);
+                }
                 info!(peer = %server, dropped, "dropped the chunks a lying peer sent unchecked");
             });
         }
@@ -546,8 +581,9 @@ impl Engine {
     /// again if the server was caught lying meanwhile.
     fn remember(&self, cf: &CacheFile, i: u64, server: Option<String>) {
         if let (Some(v), Some(server)) = (&self.verifier, server) {
-            if !v.received(&server, cf.key, i) {
+            if !v.received(&server, &cf.file, cf.key, i) {
                 self.store.discard(cf.key, i);
+                self.tell_dropped(&cf.file, &[i]);
             }
         }
     }
@@ -669,4 +705,27 @@ fn held(b: Bytes, budget: OwnedSemaphorePermit) -> Bytes {
         bytes: b,
         _budget: budget,
     })
+}
+
+/// Tells `hooks` that `chunks` (of `cs` bytes) of `file` were dropped, as
+/// byte ranges with neighbours merged.
+fn tell_dropped(hooks: &Mutex<Vec<DroppedHook>>, cs: u64, file: &FileVersion, chunks: &[u64]) {
+    let hooks = hooks.lock();
+    if hooks.is_empty() {
+        return;
+    }
+    let mut chunks = chunks.to_vec();
+    chunks.sort_unstable();
+    chunks.dedup();
+    let mut ranges: Vec<Range<u64>> = vec![];
+    for i in chunks {
+        let r = i * cs..((i + 1) * cs).min(file.size);
+        match ranges.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => ranges.push(r),
+        }
+    }
+    for hook in hooks.iter() {
+        hook(file, &ranges);
+    }
 }

@@ -5,10 +5,12 @@
 //! Which chunks are compared follows from a secret drawn at start, so no
 //! server can tell which of its answers will be.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use parking_lot::Mutex;
 use xxhash_rust::xxh3::xxh3_64_with_secret;
+
+use crate::FileVersion;
 
 /// Chunks remembered with the server that sent them, oldest forgotten first
 /// (they are the likeliest to be evicted already): 64 Ki chunks of 8 MiB are
@@ -24,10 +26,34 @@ pub(crate) struct Verifier {
 
 #[derive(Default)]
 struct State {
-    /// Cached chunks (cache file key, index) that came from a server
-    /// unchecked: those to drop if that server is caught lying later.
+    /// Chunks (cache file key, index) that came from a server unchecked and
+    /// were served or cached: those to drop if that server is caught lying
+    /// later.
     received: VecDeque<(String, u128, u64)>,
+    /// The file version of each key in `received`, with how many entries
+    /// name it: what the chunks were of, even once they are evicted (a
+    /// kernel's page cache may still hold them).
+    files: HashMap<u128, (FileVersion, usize)>,
     liars: HashSet<String>,
+}
+
+impl State {
+    fn forget(&mut self, key: u128) {
+        if let Some((_, n)) = self.files.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.files.remove(&key);
+            }
+        }
+    }
+}
+
+/// What a server caught lying sent unchecked, by file version.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Sent {
+    pub file: FileVersion,
+    pub key: u128,
+    pub chunks: Vec<u64>,
 }
 
 impl Verifier {
@@ -57,29 +83,33 @@ impl Verifier {
         self.state.lock().liars.contains(server)
     }
 
-    /// Chunk `index` of cache file `key`, now cached, came unchecked from
-    /// `server`. `false` if that server has been caught since it sent it:
-    /// the chunk is to be dropped.
-    pub fn received(&self, server: &str, key: u128, index: u64) -> bool {
+    /// Chunk `index` of `file` (cache file `key`), now cached or served,
+    /// came unchecked from `server`. `false` if that server has been caught
+    /// since it sent it: the chunk is to be dropped.
+    pub fn received(&self, server: &str, file: &FileVersion, key: u128, index: u64) -> bool {
         let mut s = self.state.lock();
         if s.liars.contains(server) {
             return false;
         }
         if s.received.len() == REMEMBERED {
-            s.received.pop_front();
+            if let Some((_, old, _)) = s.received.pop_front() {
+                s.forget(old);
+            }
         }
         s.received.push_back((server.to_string(), key, index));
+        s.files.entry(key).or_insert_with(|| (file.clone(), 0)).1 += 1;
         true
     }
 
-    /// `server` sent a chunk that differs from the origin's: the cached
-    /// chunks it sent unchecked, the first time it is caught; `None` after.
-    pub fn caught(&self, server: &str) -> Option<Vec<(u128, u64)>> {
+    /// `server` sent a chunk that differs from the origin's: the chunks it
+    /// sent unchecked, by file version, the first time it is caught; `None`
+    /// after.
+    pub fn caught(&self, server: &str) -> Option<Vec<Sent>> {
         let mut s = self.state.lock();
         if !s.liars.insert(server.to_string()) {
             return None;
         }
-        let mut sent = vec![];
+        let mut sent: Vec<(u128, u64)> = vec![];
         s.received.retain(|(from, key, i)| {
             let keep = from != server;
             if !keep {
@@ -87,7 +117,26 @@ impl Verifier {
             }
             keep
         });
-        Some(sent)
+        let mut by_file: Vec<Sent> = vec![];
+        let mut at: HashMap<u128, usize> = HashMap::new();
+        for (key, i) in sent {
+            match at.get(&key) {
+                Some(&n) => by_file[n].chunks.push(i),
+                None => {
+                    let Some((file, _)) = s.files.get(&key) else {
+                        continue;
+                    };
+                    at.insert(key, by_file.len());
+                    by_file.push(Sent {
+                        file: file.clone(),
+                        key,
+                        chunks: vec![i],
+                    });
+                }
+            }
+            s.forget(key);
+        }
+        Some(by_file)
     }
 }
 
@@ -111,19 +160,50 @@ mod tests {
         assert_ne!(picks(&a), picks(&b), "a secret of their own");
     }
 
+    fn fv(path: &str) -> FileVersion {
+        FileVersion {
+            path: path.into(),
+            version: "v1".into(),
+            size: 1 << 30,
+        }
+    }
+
     #[test]
     fn a_liar_is_caught_once_with_what_it_sent() {
         let v = Verifier::new(0.5).unwrap();
-        assert!(v.received("a", 1, 0));
-        assert!(v.received("b", 1, 1));
-        assert!(v.received("a", 2, 5));
-        assert_eq!(v.caught("a"), Some(vec![(1, 0), (2, 5)]));
+        let (f1, f2) = (fv("one"), fv("two"));
+        assert!(v.received("a", &f1, 1, 0));
+        assert!(v.received("b", &f1, 1, 1));
+        assert!(v.received("a", &f2, 2, 5));
+        assert!(v.received("a", &f1, 1, 3));
+        assert_eq!(
+            v.caught("a"),
+            Some(vec![
+                Sent {
+                    file: f1.clone(),
+                    key: 1,
+                    chunks: vec![0, 3]
+                },
+                Sent {
+                    file: f2.clone(),
+                    key: 2,
+                    chunks: vec![5]
+                },
+            ])
+        );
         assert!(v.is_liar("a") && !v.is_liar("b"));
         assert_eq!(v.caught("a"), None);
-        assert!(!v.received("a", 3, 0), "sent before it was caught");
+        assert!(!v.received("a", &f1, 3, 0), "sent before it was caught");
+        // Only "b"'s chunk of key 1 still names its file.
+        assert_eq!(v.state.lock().files.len(), 1);
+        let f9 = fv("nine");
         for i in 0..REMEMBERED as u64 + 10 {
-            v.received("b", 9, i);
+            v.received("b", &f9, 9, i);
         }
-        assert_eq!(v.caught("b").unwrap().len(), REMEMBERED);
+        let sent = v.caught("b").unwrap();
+        assert_eq!(sent.len(), 1, "key 1's chunk was forgotten first");
+        assert_eq!(sent[0].file, f9);
+        assert_eq!(sent[0].chunks.len(), REMEMBERED);
+        assert!(v.state.lock().files.is_empty(), "nothing left to name");
     }
 }

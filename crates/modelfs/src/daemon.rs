@@ -240,7 +240,13 @@ fn start(args: &MountArgs) -> Result<Mounted> {
     config.clone_fd = true;
     // A session made from an fd never unmounts by itself, so a failed
     // handshake must not leave a mount that nobody serves.
-    let session = match Session::from_fd(fs, dev, SessionACL::All, config).and_then(|s| s.spawn()) {
+    // Notifications go through the session's fd: started before it serves,
+    // so no page the kernel caches from it is missed.
+    let invalidator = fs.invalidator();
+    let session = match Session::from_fd(fs, dev, SessionACL::All, config).and_then(|s| {
+        invalidator.start(s.notifier())?;
+        s.spawn()
+    }) {
         Ok(s) => s,
         Err(e) => {
             let _ = mountpoint::lazy_unmount(&mp);

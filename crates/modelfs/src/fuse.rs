@@ -5,20 +5,23 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
+use std::ops::Range;
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    InitFlags, KernelConfig, LockOwner, Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
 };
 use modelfs_engine::cache::WholeFilePin;
 use modelfs_engine::namespace::Namespace;
 use modelfs_engine::{Engine, Error, FileVersion, ObjectMeta, OpenFile};
 use parking_lot::Mutex;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::inodes::{Inodes, Node, ROOT};
 
@@ -43,7 +46,26 @@ struct Handle {
 #[derive(Default)]
 struct InodeOpens {
     cached: usize,
-    passthrough: Option<(BackingId, usize)>,
+    passthrough: Option<Backing>,
+}
+
+/// The file the kernel reads an inode's passthrough opens from: one for
+/// all of them (the kernel refuses another while any is open).
+struct Backing {
+    id: BackingId,
+    /// Which cache file it is: a cache file retired while open here (a
+    /// liar's chunk dropped) is another file than the one a later pin of
+    /// the same version hands over.
+    file: FileId,
+    opens: usize,
+}
+
+/// (st_dev, st_ino) of an open file: unique while it is open, as the
+/// backing file is while its id is held.
+type FileId = (u64, u64);
+
+fn file_id(f: &std::fs::File) -> Option<FileId> {
+    f.metadata().ok().map(|m| (m.dev(), m.ino()))
 }
 
 struct Inner {
@@ -61,6 +83,66 @@ struct Inner {
 
 pub struct ModelFs {
     inner: Arc<Inner>,
+}
+
+/// What the engine dropped from its cache: byte ranges of a file version.
+type Dropped = (FileVersion, Vec<Range<u64>>);
+
+/// Drops the kernel's cached pages of what the engine drops from its cache
+/// because the server that sent it was caught lying: handles open with
+/// `FOPEN_KEEP_CACHE` would otherwise go on reading the liar's bytes from
+/// the page cache, and so would every later open of the inode.
+pub struct Invalidator {
+    inner: Weak<Inner>,
+}
+
+impl Invalidator {
+    /// Notifies through `notifier`, the session's, from a thread of its own:
+    /// the engine's hook only queues, so no async worker ever blocks on
+    /// /dev/fuse, and no FUSE request handler sends a notification (the
+    /// kernel may hold the very pages to drop locked until our reply to a
+    /// read of them; from here, that reply comes meanwhile).
+    pub fn start(self, notifier: Notifier) -> io::Result<()> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Ok(());
+        };
+        let (tx, rx) = mpsc::channel::<Dropped>();
+        let weak = self.inner;
+        std::thread::Builder::new()
+            .name("modelfs-inval".into())
+            .spawn(move || invalidate(&weak, &rx, &notifier))?;
+        inner.engine.on_dropped(move |file, ranges| {
+            let _ = tx.send((file.clone(), ranges.to_vec()));
+        });
+        Ok(())
+    }
+}
+
+fn invalidate(inner: &Weak<Inner>, rx: &mpsc::Receiver<Dropped>, notifier: &Notifier) {
+    for (file, ranges) in rx {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        // No inode, no pages: the kernel drops an inode's pages before it
+        // forgets the inode.
+        let Some(ino) = inner.inodes.file(&file.path, &file.version) else {
+            debug!(path = %file.path, "no inode: no cached pages to drop");
+            continue;
+        };
+        drop(inner);
+        let mut bytes = 0;
+        for r in &ranges {
+            let len = r.end - r.start;
+            match notifier.inval_inode(INodeNo(ino), r.start as i64, len as i64) {
+                Ok(()) => bytes += len,
+                Err(e) => warn!(
+                    path = %file.path,
+                    "cannot drop the kernel's cached pages of a liar's chunks: {e}"
+                ),
+            }
+        }
+        info!(path = %file.path, bytes, "dropped the kernel's cached pages of a liar's chunks");
+    }
 }
 
 fn errno(e: &Error) -> Errno {
@@ -83,6 +165,13 @@ impl ModelFs {
                 uid: nix::unistd::geteuid().as_raw(),
                 gid: nix::unistd::getegid().as_raw(),
             }),
+        }
+    }
+
+    /// To start with the session's notifier, before the session serves.
+    pub fn invalidator(&self) -> Invalidator {
+        Invalidator {
+            inner: Arc::downgrade(&self.inner),
         }
     }
 }
@@ -178,29 +267,54 @@ impl Inner {
             pin: None,
         };
         if let Some(pin) = pin.filter(|_| state.cached == 0) {
-            let backing = match state.passthrough.take() {
-                Some((id, n)) => Ok((id, n)),
-                None => reply.open_backing(&pin.file).map(|id| (id, 0)),
+            let file = file_id(&pin.file);
+            let backing = match (state.passthrough.take(), file) {
+                (Some(b), Some(f)) if b.file == f => Some(Ok(b)),
+                // The cache file the open handles read was retired under
+                // them (a liar's chunk in it was dropped) and every chunk
+                // was fetched again into a new one: their backing id still
+                // names the old file, with the liar's bytes, so it must not
+                // serve this open, and the kernel takes no second backing
+                // file for the inode while they are open. EBUSY below.
+                (Some(b), _) => {
+                    state.passthrough = Some(b);
+                    None
+                }
+                (None, Some(f)) => Some(reply.open_backing(&pin.file).map(|id| Backing {
+                    id,
+                    file: f,
+                    opens: 0,
+                })),
+                (None, None) => None,
             };
             match backing {
-                Ok((id, n)) => {
+                Some(Ok(mut b)) => {
                     handle.pin = Some(pin);
                     modelfs_engine::stats::add(&self.engine.stats().passthrough_opens, 1);
                     // In the table before the kernel knows the handle, so a
                     // release that follows at once finds it.
                     self.handles.lock().insert(fh, Arc::new(handle));
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-                    state.passthrough = Some((id, n + 1));
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.id);
+                    b.opens += 1;
+                    state.passthrough = Some(b);
                     return;
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     warn!("passthrough refused by the kernel ({e}); reading through userspace");
                     *self.passthrough.lock() = Err(format!("kernel refused backing file: {e}"));
                 }
+                None => {}
             }
         }
         if state.passthrough.is_some() {
-            // Cannot mix with the passthrough opens of this inode.
+            // Cannot mix with the passthrough opens of this inode, nor give
+            // it a second backing file. This is also what an open gets
+            // while the inode stays open through passthrough after its
+            // cache file was retired (a liar's chunk dropped): until every
+            // chunk is cached again it cannot be pinned, and after, it is
+            // another file (above). Once the last of those handles is
+            // released, the next open gets a fresh backing file, or reads
+            // through the page cache if the file is still incomplete.
             return reply.error(Errno::EBUSY);
         }
         state.cached += 1;
@@ -216,9 +330,9 @@ impl Inner {
         let mut opens = self.opens.lock();
         if let Some(state) = opens.get_mut(&h.ino) {
             if h.pin.is_some() {
-                if let Some((_, n)) = &mut state.passthrough {
-                    *n -= 1;
-                    if *n == 0 {
+                if let Some(b) = &mut state.passthrough {
+                    b.opens -= 1;
+                    if b.opens == 0 {
                         state.passthrough = None;
                     }
                 }

@@ -106,6 +106,16 @@ impl Inodes {
         self.inner.lock().by_key.get(&key(path, meta)).copied()
     }
 
+    /// The inode of one version of a file, if the kernel holds one (only an
+    /// inode the kernel holds can have pages in its cache).
+    pub fn file(&self, path: &str, version: &str) -> Option<u64> {
+        self.inner
+            .lock()
+            .by_key
+            .get(&(path.to_string(), version.to_string()))
+            .copied()
+    }
+
     /// The kernel dropped `n` of its lookups of `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
         if ino == ROOT {
@@ -155,6 +165,8 @@ mod tests {
         let a = t.lookup("a", &file("v1"));
         assert_eq!(t.lookup("a", &file("v1")), a);
         assert_eq!(t.peek("a", &file("v1")), Some(a));
+        assert_eq!(t.file("a", "v1"), Some(a));
+        assert_eq!(t.file("a", "v2"), None);
         t.forget(a, 1);
         assert!(t.get(a).is_some());
         t.forget(a, 1);

@@ -373,3 +373,246 @@ fn an_honest_group_checking_every_chunk_catches_no_lie() {
     assert_eq!(sum("bytes_from_peers"), total);
     assert_eq!(sum("bytes_from_source"), 2 * total);
 }
+
+/// All of `f` from its start, through this one open file.
+fn read_from_start(f: &mut std::fs::File) -> Vec<u8> {
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(0)).unwrap();
+    let mut v = vec![];
+    f.read_to_end(&mut v).unwrap();
+    v
+}
+
+/// How many fresh nodes a test sets up at most until the one-chunk file it
+/// reads first happens to be left unchecked (each time with odds 1 - RATE,
+/// the node's secret being new each time).
+const TRIES: usize = 8;
+
+/// A rate that leaves a file of one chunk unchecked with odds 0.9, and
+/// catches a liar within a file of 256 chunks with odds 1 - 0.9^256.
+const RATE: &str = "0.1";
+
+#[test]
+fn pages_the_kernel_cached_from_a_liar_are_dropped_when_it_is_caught() {
+    for attempt in 1..=TRIES {
+        let w = Work::new();
+        let a = write_file(&w.src().join("a.bin"), 60_000, 120);
+        write_file(&w.src().join("b.bin"), 16 << 20, 121);
+        let liar = Liar::start("127.0.0.120");
+        let m = node_with_liar(
+            &w,
+            &liar,
+            "127.0.0.121",
+            &["--chunk-size", "64KiB", "--peer-verify-sample", RATE],
+        );
+        // Held open throughout: its inode, and the pages cached for it
+        // (opens keep the page cache), stay.
+        let mut f = std::fs::File::open(m.path("a.bin")).unwrap();
+        let first = read_from_start(&mut f);
+        if first == a {
+            // The chunk was compared (or not asked of the liar): again.
+            let s = m.stats();
+            eprintln!(
+                "attempt {attempt}: a.bin's chunk was checked or not asked of the liar: {} compared, {} bytes from peers",
+                s["peer_chunks_verified"], s["bytes_from_peers"]
+            );
+            continue;
+        }
+        assert_eq!(first, vec![0x5a; a.len()], "the liar's bytes, unchecked");
+        assert_eq!(m.stat_u64("peer_lies_caught"), 0);
+
+        // Reading b catches it; a's chunk is dropped from the cache, and the
+        // kernel must drop the pages it cached from it too.
+        let mut cat = Command::new("cat");
+        cat.arg(m.path("b.bin")).stdout(std::process::Stdio::null());
+        assert!(all_within(vec![cat], BOUND)[0]);
+        let s = m.stats();
+        assert!(s["peer_lies_caught"].as_u64().unwrap() >= 1, "{s}");
+
+        // The page cache is not dropped by hand: the same handle and a new
+        // open read the source's bytes (the notification is sent from a
+        // thread of its own, so it may take a moment).
+        wait_until(
+            "the liar's pages dropped from the page cache",
+            Duration::from_secs(10),
+            || read_from_start(&mut f) == a,
+        );
+        assert!(std::fs::read(m.path("a.bin")).unwrap() == a);
+        let log = std::fs::read_to_string(w.dir.path().join("node.log")).unwrap();
+        assert!(log.contains("dropped the kernel's cached pages"), "{log}");
+        return;
+    }
+    panic!("a.bin's chunk was checked in each of {TRIES} attempts");
+}
+
+/// Forwards connections to `to`, keeping a copy of what is sent there: the
+/// requests a node makes of that peer (which name a file's version).
+struct Tap {
+    addr: String,
+    sent: Arc<std::sync::Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Tap {
+    fn start(ip: &str, to: &str) -> Tap {
+        let l = TcpListener::bind(format!("{ip}:0")).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let sent = Arc::new(std::sync::Mutex::new(vec![]));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen, s, to) = (sent.clone(), stop.clone(), to.to_string());
+        std::thread::spawn(move || {
+            while !s.load(SeqCst) {
+                let Ok((mut from, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = from.set_nonblocking(false);
+                let Ok(mut upstream) = TcpStream::connect(&to) else {
+                    continue;
+                };
+                let (mut back, mut down) =
+                    (upstream.try_clone().unwrap(), from.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut back, &mut down);
+                    let _ = down.shutdown(std::net::Shutdown::Both);
+                });
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || upstream.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    let _ = upstream.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Tap { addr, sent, stop }
+    }
+
+    /// The request line's target of the last chunk request naming `name`.
+    fn chunk_request(&self, name: &str) -> Option<String> {
+        let sent = String::from_utf8_lossy(&self.sent.lock().unwrap()).into_owned();
+        sent.lines()
+            .rev()
+            .find(|l| l.starts_with("GET /v1/chunk?") && l.contains(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map(str::to_string)
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+    }
+}
+
+/// Asks the node at `node` for chunk `target` as a group member would, so
+/// that it fetches and caches it; the HTTP status.
+fn ask_node(node: &str, target: &str, token: &str) -> u16 {
+    let mut c = TcpStream::connect(node).unwrap();
+    c.set_read_timeout(Some(BOUND)).unwrap();
+    let req = format!(
+        "GET {target} HTTP/1.1\r\nhost: {node}\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
+    );
+    c.write_all(req.as_bytes()).unwrap();
+    let mut answer = vec![];
+    let _ = c.read_to_end(&mut answer);
+    let head = String::from_utf8_lossy(&answer[..answer.len().min(64)]).into_owned();
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_inode_open_through_passthrough_never_serves_a_liars_retired_cache_file_to_new_opens() {
+    for attempt in 1..=TRIES {
+        let w = Work::new();
+        let a = write_file(&w.src().join("a.bin"), 60_000, 122);
+        write_file(&w.src().join("b.bin"), 16 << 20, 123);
+        let liar = Liar::start("127.0.0.122");
+        let tap = Tap::start("127.0.0.123", &liar.addr);
+        let token_path = token_file(w.dir.path());
+        let token = std::fs::read_to_string(&token_path).unwrap();
+        let me = format!("127.0.0.124:{}", free_port());
+        let peers = format!("{me},{}", tap.addr);
+        let log = w.dir.path().join("node.log");
+        let m = w.mount(&[
+            "--listen",
+            &me,
+            "--peers",
+            &peers,
+            "--peer-token-file",
+            token_path.to_str().unwrap(),
+            "--log-file",
+            log.to_str().unwrap(),
+            "--chunk-size",
+            "64KiB",
+            "--peer-verify-sample",
+            RATE,
+        ]);
+        if std::fs::read(m.path("a.bin")).unwrap() == a {
+            let s = m.stats();
+            eprintln!(
+                "attempt {attempt}: a.bin's chunk was checked or not asked of the liar: {} compared, {} bytes from peers",
+                s["peer_chunks_verified"], s["bytes_from_peers"]
+            );
+            continue;
+        }
+        assert_eq!(m.stat_u64("peer_lies_caught"), 0);
+        assert_eq!(m.stats()["passthrough"], "enabled", "{}", m.stats());
+
+        // Complete in the cache, with the liar's bytes: opened through
+        // passthrough, and held open while the liar is caught.
+        let opens = m.stat_u64("passthrough_opens");
+        let held = std::fs::File::open(m.path("a.bin")).unwrap();
+        assert_eq!(m.stat_u64("passthrough_opens"), opens + 1);
+        let mut cat = Command::new("cat");
+        cat.arg(m.path("b.bin")).stdout(std::process::Stdio::null());
+        assert!(all_within(vec![cat], BOUND)[0]);
+        assert!(m.stat_u64("peer_lies_caught") >= 1, "{}", m.stats());
+
+        let ebusy = |what: &str| match std::fs::File::open(m.path("a.bin")) {
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{what}: {e}"),
+            Ok(mut f) => panic!(
+                "{what}: opened, reading {}",
+                if read_from_start(&mut f) == a {
+                    "the source's bytes"
+                } else {
+                    "the liar's bytes"
+                }
+            ),
+        };
+        // Its cache file was retired under the open handle: until a.bin is
+        // cached again, it cannot be pinned, and cannot be read through the
+        // page cache while that handle reads through passthrough.
+        ebusy("an open after the catch");
+        // Cached again (asked for it as a peer would, since opens are
+        // refused): a new cache file, which the old handle's backing is not.
+        let target = tap
+            .chunk_request("a.bin")
+            .expect("the node asked the liar for a.bin")
+            .replace("cached_only=1", "cached_only=0");
+        assert_eq!(ask_node(&me, &target, token.trim()), 200, "{target}");
+        ebusy("an open once a.bin is cached again");
+
+        // The last old handle gone, a new open gets a fresh backing file.
+        drop(held);
+        let mut f = None;
+        wait_until("the old handle released", Duration::from_secs(10), || {
+            f = std::fs::File::open(m.path("a.bin")).ok();
+            f.is_some()
+        });
+        assert!(
+            read_from_start(f.as_mut().unwrap()) == a,
+            "the liar's bytes"
+        );
+        assert_eq!(m.stat_u64("passthrough_opens"), opens + 2, "{}", m.stats());
+        return;
+    }
+    panic!("a.bin's chunk was checked in each of {TRIES} attempts");
+}
