@@ -138,15 +138,16 @@ pub fn pread_into(file: &File, buf: &mut Vec<u8>, len: usize, offset: u64) -> io
 }
 
 /// As [`pread_into`], for a file opened with O_DIRECT (`buf`'s end, `len`
-/// and `offset` aligned to `block`): a read that ends off a block boundary
-/// met the end of the file, and the next one would be refused (EINVAL)
-/// instead of reading nothing.
+/// and `offset` aligned to `block`). A read that ends off a block boundary
+/// leaves the next one unaligned, which O_DIRECT would refuse: the file
+/// ended there, or (a FUSE NAS mounted with direct_io, SMB) the filesystem
+/// answered short, so the rest is read without O_DIRECT.
 pub fn pread_blocks(
     file: &File,
     buf: &mut Vec<u8>,
     len: usize,
     offset: u64,
-    block: usize,
+    mut block: usize,
 ) -> io::Result<()> {
     buf.reserve(len);
     let mut done = 0;
@@ -182,13 +183,22 @@ pub fn pread_blocks(
                 unsafe { buf.set_len(buf.len() + n as usize) };
                 done += n as usize;
                 if done < len && !(n as usize).is_multiple_of(block) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("{done} of {len} bytes at {offset}: the file ends there"),
-                    ));
+                    clear_direct(file)?;
+                    block = 1;
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn clear_direct(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL and F_SETFL on a descriptor we own change only its
+    // status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -138,7 +138,10 @@ impl Engine {
             .max_inflight
             .max(cfg.chunk_size)
             .min(Semaphore::MAX_PERMITS as u64);
-        crate::buf::keep_idle(inflight as usize);
+        // A local source's buffers are a block larger than a chunk (see
+        // `read_at`): the pool keeps the budget's worth of those.
+        let buffers = inflight.div_ceil(cfg.chunk_size) * (cfg.chunk_size + 4096);
+        crate::buf::keep_idle(buffers as usize);
         Ok(Arc::new(Engine {
             inflight: Arc::new(Semaphore::new(inflight as usize)),
             readers: Arc::new(Semaphore::new(2 * cfg.chunk_size as usize)),
