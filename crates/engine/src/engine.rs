@@ -186,8 +186,10 @@ impl Engine {
     /// because it was caught lying, with the byte ranges they held, whether
     /// or not they were still cached: a front end that keeps copies of what
     /// it served (a kernel's page cache) drops them too. It runs on the
-    /// thread that caught the lie, an async worker in the middle of a read,
-    /// so it must neither block nor wait on a read.
+    /// thread that caught the lie (a blocking-pool thread, or an async
+    /// worker in the middle of a read), after the chunks left the cache,
+    /// with the hooks' lock held: it must neither block, nor wait on a
+    /// read, nor add a hook.
     pub fn on_dropped(&self, hook: impl Fn(&FileVersion, &[Range<u64>]) + Send + Sync + 'static) {
         self.dropped.lock().push(Box::new(hook));
     }
@@ -296,7 +298,10 @@ impl Engine {
             Got::NoRoom(_) => {
                 let base = cf.chunk_range(i).start;
                 let range = base + rel.start..base + rel.end;
-                let b = self.fetch_from_tiers(cf, i, range, true, true).await?.bytes;
+                let got = self.fetch_from_tiers(cf, i, range, true, true).await?;
+                // Not cached, but served: its pages are the reader's kernel's.
+                self.remember(cf, i, got.unchecked_from);
+                let b = got.bytes;
                 add(&self.stats.reads_uncached, 1);
                 add(&self.stats.bytes_uncached, b.len() as u64);
                 Ok(b)
@@ -332,8 +337,9 @@ impl Engine {
     async fn fetch_uncached(&self, cf: &CacheFile, i: u64) -> Result<Got> {
         let b = self
             .fetch_from_tiers(cf, i, cf.chunk_range(i), false, false)
-            .await?
-            .bytes;
+            .await?;
+        self.remember(cf, i, b.unchecked_from);
+        let b = b.bytes;
         add(&self.stats.reads_uncached, 1);
         add(&self.stats.bytes_uncached, b.len() as u64);
         Ok(Got::Bytes(b))
@@ -376,10 +382,11 @@ impl Engine {
                     _ => got,
                 };
                 if let Some(r) = room {
-                    if engine.store.commit(r, &got.bytes) {
-                        engine.remember(&cf, i, got.unchecked_from);
-                    }
+                    engine.store.commit(r, &got.bytes);
                 }
+                // Cached or not, it is served: a catch must drop the pages
+                // the kernel keeps of it too.
+                engine.remember(&cf, i, got.unchecked_from);
                 Ok(Got::Bytes(got.bytes))
             })
             .await
@@ -580,8 +587,9 @@ impl Engine {
         self.verifier.as_ref().is_some_and(|v| v.is_liar(server))
     }
 
-    /// Chunk `i`, now cached, came unchecked from `server`: it is dropped
-    /// again if the server was caught lying meanwhile.
+    /// Chunk `i`, just served (and cached if there was room), came
+    /// unchecked from `server`: it is dropped again, from the cache and the
+    /// front end's copies, if the server was caught lying meanwhile.
     fn remember(&self, cf: &CacheFile, i: u64, server: Option<String>) {
         if let (Some(v), Some(server)) = (&self.verifier, server) {
             if !v.received(&server, &cf.file, cf.key, i) {

@@ -303,6 +303,13 @@ fn run(args: MountArgs, mut ready: Option<File>) -> Result<()> {
 /// end; readers still holding files get ENOTCONN once we exit.
 fn shutdown(m: Mounted) {
     crate::host::notify_stopping();
+    // A notification stuck in the kernel waits on a read only this process
+    // answers: exiting under it would leave the mount and the process hung.
+    // Past the bound, the connection is aborted so both can end.
+    if !crate::fuse::stop_invalidating(Duration::from_secs(5)) {
+        warn!("a page-cache invalidation did not return; aborting the FUSE connection");
+        abort_connection(&m.mountpoint);
+    }
     if mountpoint::mounted_at(&m.mountpoint).is_some() {
         if let Err(e) = mountpoint::lazy_unmount(&m.mountpoint) {
             warn!("{e:#}");
@@ -314,4 +321,26 @@ fn shutdown(m: Mounted) {
     }
     info!(mountpoint = %m.mountpoint.display(), "unmounted");
     std::process::exit(0);
+}
+
+/// Aborts the FUSE connection of the mount at `mp` (fusectl), which fails
+/// every request in flight on it. Its number is the mount's device minor,
+/// from the mount table: a stat of the mount would be a FUSE request.
+fn abort_connection(mp: &std::path::Path) {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let want = mp.to_string_lossy().replace(' ', "\\040");
+    let Some(minor) = table.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4) == Some(&want.as_str()))
+            .then(|| f.get(2)?.split(':').nth(1))
+            .flatten()
+    }) else {
+        return;
+    };
+    let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
+    if let Err(e) = std::fs::write(&abort, "1") {
+        warn!("cannot abort the FUSE connection through {abort}: {e}");
+    }
 }

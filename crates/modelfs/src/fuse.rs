@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
@@ -118,6 +118,27 @@ impl Invalidator {
     }
 }
 
+/// Set while the invalidation thread is inside the kernel: `inval_inode`
+/// waits, uninterruptibly, for pages locked by reads only this daemon can
+/// answer, so the daemon must not exit (and stop answering) meanwhile.
+static INVALIDATING: AtomicBool = AtomicBool::new(false);
+/// Set at shutdown: no notification is started after it.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Stops notifications and waits, at most `bound`, for one in the kernel
+/// to return; `false` if it did not (see [`INVALIDATING`]).
+pub fn stop_invalidating(bound: Duration) -> bool {
+    STOPPING.store(true, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    while INVALIDATING.load(Ordering::SeqCst) {
+        if t.elapsed() >= bound {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 fn invalidate(inner: &Weak<Inner>, rx: &mpsc::Receiver<Dropped>, notifier: &Notifier) {
     for (file, ranges) in rx {
         let Some(inner) = inner.upgrade() else {
@@ -133,12 +154,23 @@ fn invalidate(inner: &Weak<Inner>, rx: &mpsc::Receiver<Dropped>, notifier: &Noti
         let mut bytes = 0;
         for r in &ranges {
             let len = r.end - r.start;
-            match notifier.inval_inode(INodeNo(ino), r.start as i64, len as i64) {
+            INVALIDATING.store(true, Ordering::SeqCst);
+            if STOPPING.load(Ordering::SeqCst) {
+                INVALIDATING.store(false, Ordering::SeqCst);
+                return;
+            }
+            let sent = notifier.inval_inode(INodeNo(ino), r.start as i64, len as i64);
+            INVALIDATING.store(false, Ordering::SeqCst);
+            match sent {
                 Ok(()) => bytes += len,
-                Err(e) => warn!(
-                    path = %file.path,
-                    "cannot drop the kernel's cached pages of a liar's chunks: {e}"
-                ),
+                Err(e) => {
+                    // The session is gone or refuses: so will the next.
+                    warn!(
+                        path = %file.path,
+                        "cannot drop the kernel's cached pages of a liar's chunks: {e}"
+                    );
+                    break;
+                }
             }
         }
         info!(path = %file.path, bytes, "dropped the kernel's cached pages of a liar's chunks");
@@ -286,6 +318,18 @@ impl Inner {
                     opens: 0,
                 })),
                 (None, None) => None,
+            };
+            // Retired between the pin and now: its file may hold chunks
+            // just dropped. A fresh backing id is closed again (read below
+            // through the page cache); a reused one stays the old handles'.
+            let backing = match backing {
+                Some(Ok(b)) if !pin.current() => {
+                    if b.opens > 0 {
+                        state.passthrough = Some(b);
+                    }
+                    None
+                }
+                other => other,
             };
             match backing {
                 Some(Ok(mut b)) => {

@@ -1062,6 +1062,7 @@ impl ChunkStore {
         for i in unverified {
             self.read_chunk(cf, i)?;
         }
+        let gen;
         let files = {
             let mut g = self.inner.lock();
             let inner = &mut *g;
@@ -1075,6 +1076,7 @@ impl ChunkStore {
             }
             let files = self.files(inner, cf.key)?;
             let e = inner.files.get_mut(&cf.key)?;
+            gen = e.gen;
             if e.whole_pins == 0 {
                 inner.pinned += e.present_bytes;
             }
@@ -1095,6 +1097,7 @@ impl ChunkStore {
             Ok(file) => Some(WholeFilePin {
                 store: self.clone(),
                 cf: cf.clone(),
+                gen,
                 file,
             }),
             Err(e) => {
@@ -1186,8 +1189,22 @@ impl Drop for ChunkPin {
 pub struct WholeFilePin {
     store: Arc<ChunkStore>,
     cf: Arc<CacheFile>,
+    gen: u64,
     /// The data file, opened read-only, for the kernel to read.
     pub file: std::fs::File,
+}
+
+impl WholeFilePin {
+    /// Whether the pinned file is still the cache's: a file retired since
+    /// (chunks dropped from it, maybe a liar's, right after it was pinned)
+    /// must not be handed to the kernel.
+    pub fn current(&self) -> bool {
+        let inner = self.store.inner.lock();
+        inner
+            .files
+            .get(&self.cf.key)
+            .is_some_and(|e| e.gen == self.gen)
+    }
 }
 
 impl Drop for WholeFilePin {
