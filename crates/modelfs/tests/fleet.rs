@@ -1,5 +1,6 @@
 //! The peer group under cluster conditions: a node that does not know its
-//! own address, a hung owner, a flood of idle connections on the peer port.
+//! own address, a hung owner, a flood of idle connections on the peer port,
+//! an asker that stops reading an upload.
 //! Every node listens on its own loopback address (127.0.0.N).
 mod common;
 
@@ -348,4 +349,91 @@ fn peers_talk_tls_with_the_groups_ca_and_refuse_plain_http() {
         }
     }
     drop(mounts);
+}
+
+/// `s` with every byte but letters and digits percent-encoded.
+fn pct(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn an_asker_that_stops_reading_an_upload_loses_its_connection() {
+    use modelfs_engine::source::{open_source, SourceOptions};
+    use std::io::{Read, Write};
+    const CHUNK: usize = 8 << 20;
+    let w = Work::new();
+    write_file(&w.src().join("big.bin"), 3 * CHUNK, 17);
+    let token = token_file(w.dir.path());
+    let me = format!("127.0.0.71:{}", free_port());
+    let m = w.mount(&[
+        "--listen",
+        &me,
+        "--peers",
+        &me,
+        "--peer-token-file",
+        token.to_str().unwrap(),
+        "--chunk-size",
+        "8MiB",
+        "--peer-timeout",
+        "2",
+    ]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let source = open_source(w.src().to_str().unwrap(), &SourceOptions::default()).unwrap();
+    let version = rt.block_on(source.stat("big.bin")).unwrap().version;
+    let object = format!("{}/big.bin", source.id().trim_end_matches('/'));
+    let mut s = std::net::TcpStream::connect(&me).unwrap();
+    let req = format!(
+        "GET /v1/chunk?object={}&version={}&size={}&chunk_size={CHUNK}&index=0&cached_only=0 HTTP/1.1\r\n\
+         Host: {me}\r\nAuthorization: Bearer {}\r\nx-modelfs-node: a-reader-that-stalls\r\n\r\n",
+        pct(&object),
+        pct(&version),
+        3 * CHUNK,
+        std::fs::read_to_string(&token).unwrap().trim(),
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    // Nothing read for longer than the peer timeout (2 s): the socket
+    // buffers hold far less than the 8 MiB chunk, so the upload stalls.
+    std::thread::sleep(Duration::from_secs(5));
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the server neither sent the chunk nor closed: {e}"),
+        }
+    }
+    let head = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no response head");
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got[..head])
+    );
+    let body = got.len() - head - 4;
+    assert!(
+        body < CHUNK,
+        "the stalled upload went on: {body} bytes of {CHUNK}"
+    );
+    // The node serves its own readers meanwhile, every byte right.
+    cmp_within(
+        &w.src().join("big.bin"),
+        &m.path("big.bin"),
+        Duration::from_secs(60),
+    );
 }

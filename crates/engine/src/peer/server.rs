@@ -56,6 +56,12 @@ pub struct Redirects {
 /// GiB of models, in a few MiB of memory.
 const HOLDERS_REMEMBERED: usize = 1 << 16;
 
+/// How long a write to an asker may make no progress (see `serve`): the
+/// warm-up service's, and the least for a group member, whose bound is its
+/// `--peer-timeout`.
+const WRITE_STALL: Duration = Duration::from_secs(30);
+const MIN_WRITE_STALL: Duration = Duration::from_secs(1);
+
 /// A chunk body goes out in pieces this big, so that the upload counts as
 /// in flight until nearly all of it is written (hyper asks for the next
 /// piece only when its buffer has room).
@@ -116,6 +122,10 @@ pub async fn serve(
     tls: Option<super::TlsAcceptor>,
     redirects: Option<Redirects>,
 ) -> std::io::Result<()> {
+    let stall = redirects
+        .as_ref()
+        .map_or(WRITE_STALL, |r| r.peer_timeout)
+        .max(MIN_WRITE_STALL);
     let state = Arc::new(Server {
         engine,
         token,
@@ -135,6 +145,9 @@ pub async fn serve(
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state);
     let slots = Arc::new(Semaphore::new(max_connections()));
+    // An asker that stops reading an upload would hold its connection, its
+    // slot and the chunk's copy for ever: a write that makes no progress
+    // for this long ends the connection (an asker waits no longer itself).
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return Ok(());
@@ -149,6 +162,9 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(stall));
+        let stream = Box::pin(stream);
         let svc = hyper_util::service::TowerToHyperService::new(
             app.clone().layer(axum::Extension(From(from))),
         );
