@@ -368,9 +368,12 @@ fn pct(s: &str) -> String {
 fn an_asker_that_stops_reading_an_upload_loses_its_connection() {
     use modelfs_engine::source::{open_source, SourceOptions};
     use std::io::{Read, Write};
-    const CHUNK: usize = 8 << 20;
+    // 2 MiB chunks: an asker allows one 2 s at its least rate, as long as
+    // the peer timeout, so the server's stall bound is 2 s.
+    const CHUNK: usize = 2 << 20;
+    const CHUNKS: usize = 12;
     let w = Work::new();
-    write_file(&w.src().join("big.bin"), 3 * CHUNK, 17);
+    write_file(&w.src().join("big.bin"), CHUNKS * CHUNK, 17);
     let token = token_file(w.dir.path());
     let me = format!("127.0.0.71:{}", free_port());
     let m = w.mount(&[
@@ -381,7 +384,7 @@ fn an_asker_that_stops_reading_an_upload_loses_its_connection() {
         "--peer-token-file",
         token.to_str().unwrap(),
         "--chunk-size",
-        "8MiB",
+        "2MiB",
         "--peer-timeout",
         "2",
     ]);
@@ -392,45 +395,70 @@ fn an_asker_that_stops_reading_an_upload_loses_its_connection() {
     let source = open_source(w.src().to_str().unwrap(), &SourceOptions::default()).unwrap();
     let version = rt.block_on(source.stat("big.bin")).unwrap().version;
     let object = format!("{}/big.bin", source.id().trim_end_matches('/'));
+    let secret = std::fs::read_to_string(&token).unwrap();
+    let request = |i: usize| {
+        format!(
+            "GET /v1/chunk?object={}&version={}&size={}&chunk_size={CHUNK}&index={i}&cached_only=0 HTTP/1.1\r\n\
+             Host: {me}\r\nAuthorization: Bearer {}\r\nx-modelfs-node: a-reader-that-stalls\r\n\r\n",
+            pct(&object),
+            pct(&version),
+            CHUNKS * CHUNK,
+            secret.trim(),
+        )
+    };
+    // Every chunk asked at once on one connection (pipelined): 24 MiB of
+    // answers, far more than the socket buffers hold.
     let mut s = std::net::TcpStream::connect(&me).unwrap();
-    let req = format!(
-        "GET /v1/chunk?object={}&version={}&size={}&chunk_size={CHUNK}&index=0&cached_only=0 HTTP/1.1\r\n\
-         Host: {me}\r\nAuthorization: Bearer {}\r\nx-modelfs-node: a-reader-that-stalls\r\n\r\n",
-        pct(&object),
-        pct(&version),
-        3 * CHUNK,
-        std::fs::read_to_string(&token).unwrap().trim(),
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    // Nothing read for longer than the peer timeout (2 s): the socket
-    // buffers hold far less than the 8 MiB chunk, so the upload stalls.
-    std::thread::sleep(Duration::from_secs(5));
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let all: String = (0..CHUNKS).map(request).collect();
+    s.write_all(all.as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // The first answer's head: the server is writing.
     let mut got = Vec::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 64 << 10];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before any answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // Then nothing read for more than twice the stall bound.
+    std::thread::sleep(Duration::from_secs(5));
     loop {
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("the server neither sent the chunk nor closed: {e}"),
+            Err(e) => panic!("the server neither sent every chunk nor closed: {e}"),
         }
     }
-    let head = got
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("no response head");
     assert!(
-        got.starts_with(b"HTTP/1.1 200"),
+        got.len() < CHUNKS * CHUNK,
+        "the stalled uploads went on: {} bytes for {} of chunks",
+        got.len(),
+        CHUNKS * CHUNK
+    );
+    // The port serves the next asker, and the node its own readers, every
+    // byte right.
+    let mut s = std::net::TcpStream::connect(&me).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(
+        request(CHUNKS - 1)
+            .replace("HTTP/1.1\r\n", "HTTP/1.1\r\nConnection: close\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
         "{}",
-        String::from_utf8_lossy(&got[..head])
+        String::from_utf8_lossy(&answer[..answer.len().min(200)])
     );
-    let body = got.len() - head - 4;
-    assert!(
-        body < CHUNK,
-        "the stalled upload went on: {body} bytes of {CHUNK}"
-    );
-    // The node serves its own readers meanwhile, every byte right.
+    assert!(answer.len() > CHUNK, "{} bytes", answer.len());
     cmp_within(
         &w.src().join("big.bin"),
         &m.path("big.bin"),

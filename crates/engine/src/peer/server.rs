@@ -57,8 +57,8 @@ pub struct Redirects {
 const HOLDERS_REMEMBERED: usize = 1 << 16;
 
 /// How long a write to an asker may make no progress (see `serve`): the
-/// warm-up service's, and the least for a group member, whose bound is its
-/// `--peer-timeout`.
+/// warm-up service's; a group member's is its `--peer-timeout`. Either is
+/// raised to what an asker allows a chunk's body (at `MIN_PEER_RATE`).
 const WRITE_STALL: Duration = Duration::from_secs(30);
 const MIN_WRITE_STALL: Duration = Duration::from_secs(1);
 
@@ -122,9 +122,15 @@ pub async fn serve(
     tls: Option<super::TlsAcceptor>,
     redirects: Option<Redirects>,
 ) -> std::io::Result<()> {
+    // Never sooner than an asker gives up on its own: its body may take a
+    // chunk at the least rate it accepts.
+    let body = Duration::from_secs_f64(
+        engine.config().chunk_size as f64 / super::client::MIN_PEER_RATE as f64,
+    );
     let stall = redirects
         .as_ref()
         .map_or(WRITE_STALL, |r| r.peer_timeout)
+        .max(body)
         .max(MIN_WRITE_STALL);
     let state = Arc::new(Server {
         engine,
