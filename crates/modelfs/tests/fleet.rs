@@ -101,6 +101,24 @@ fn fds(pid: u64) -> usize {
         .count()
 }
 
+/// A mount of `w`'s source that is the only member of its group, on `ip`:
+/// its peer port's address, and the mount.
+fn lone_member(w: &Work, ip: &str, extra: &[&str]) -> (String, Mount) {
+    let token = token_file(w.dir.path());
+    let me = format!("{ip}:{}", free_port());
+    let mut args = vec![
+        "--listen",
+        &me,
+        "--peers",
+        &me,
+        "--peer-token-file",
+        token.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let m = w.mount(&args);
+    (me, m)
+}
+
 #[test]
 fn a_thousand_idle_connections_to_the_peer_port_do_not_stop_reads() {
     // This process holds the thousand client ends.
@@ -112,16 +130,7 @@ fn a_thousand_idle_connections_to_the_peer_port_do_not_stop_reads() {
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     let w = Work::new();
     write_file(&w.src().join("model.bin"), 32 << 20, 13);
-    let token = token_file(w.dir.path());
-    let me = format!("127.0.0.70:{}", free_port());
-    let m = w.mount(&[
-        "--listen",
-        &me,
-        "--peers",
-        &me,
-        "--peer-token-file",
-        token.to_str().unwrap(),
-    ]);
+    let (me, m) = lone_member(&w, "127.0.0.70", &[]);
     let pid = m.stat_u64("pid");
     let base = fds(pid);
     let addr: std::net::SocketAddr = me.parse().unwrap();
@@ -323,7 +332,7 @@ fn peers_talk_tls_with_the_groups_ca_and_refuse_plain_http() {
     // A TLS client without a certificate of the group is refused (mTLS).
     let no_cert = Command::new("curl")
         .args(["-sk", "--max-time", "10", "-H"])
-        .arg("Authorization: Bearer a-long-shared-group-token-for-tests")
+        .arg(format!("Authorization: Bearer {TOKEN}"))
         .arg(format!("https://{}/v1/health", addrs[0]))
         .output();
     if let Ok(o) = no_cert {
@@ -340,7 +349,7 @@ fn peers_talk_tls_with_the_groups_ca_and_refuse_plain_http() {
         .arg("--key")
         .arg(&key)
         .arg("-H")
-        .arg("Authorization: Bearer a-long-shared-group-token-for-tests")
+        .arg(format!("Authorization: Bearer {TOKEN}"))
         .arg(format!("https://{}/v1/health", addrs[0]))
         .output();
     if let Ok(o) = with_cert {
@@ -351,65 +360,25 @@ fn peers_talk_tls_with_the_groups_ca_and_refuse_plain_http() {
     drop(mounts);
 }
 
-/// `s` with every byte but letters and digits percent-encoded.
-fn pct(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn an_asker_that_stops_reading_an_upload_loses_its_connection() {
-    use modelfs_engine::source::{open_source, SourceOptions};
     use std::io::{Read, Write};
     // 2 MiB chunks: an asker allows one 2 s at its least rate, as long as
     // the peer timeout, so the server's stall bound is 2 s.
-    const CHUNK: usize = 2 << 20;
-    const CHUNKS: usize = 12;
+    const CHUNK: u64 = 2 << 20;
+    const CHUNKS: u64 = 12;
     let w = Work::new();
-    write_file(&w.src().join("big.bin"), CHUNKS * CHUNK, 17);
-    let token = token_file(w.dir.path());
-    let me = format!("127.0.0.71:{}", free_port());
-    let m = w.mount(&[
-        "--listen",
-        &me,
-        "--peers",
-        &me,
-        "--peer-token-file",
-        token.to_str().unwrap(),
-        "--chunk-size",
-        "2MiB",
-        "--peer-timeout",
-        "2",
-    ]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let source = open_source(w.src().to_str().unwrap(), &SourceOptions::default()).unwrap();
-    let version = rt.block_on(source.stat("big.bin")).unwrap().version;
-    let object = format!("{}/big.bin", source.id().trim_end_matches('/'));
-    let secret = std::fs::read_to_string(&token).unwrap();
-    let request = |i: usize| {
-        format!(
-            "GET /v1/chunk?object={}&version={}&size={}&chunk_size={CHUNK}&index={i}&cached_only=0 HTTP/1.1\r\n\
-             Host: {me}\r\nAuthorization: Bearer {}\r\nx-modelfs-node: a-reader-that-stalls\r\n\r\n",
-            pct(&object),
-            pct(&version),
-            CHUNKS * CHUNK,
-            secret.trim(),
-        )
-    };
+    write_file(&w.src().join("big.bin"), (CHUNKS * CHUNK) as usize, 17);
+    let (me, m) = lone_member(
+        &w,
+        "127.0.0.71",
+        &["--chunk-size", "2MiB", "--peer-timeout", "2"],
+    );
+    let target = |i| chunk_target(&w.src(), "big.bin", CHUNK, i);
     // Every chunk asked at once on one connection (pipelined): 24 MiB of
     // answers, far more than the socket buffers hold.
     let mut s = std::net::TcpStream::connect(&me).unwrap();
-    let all: String = (0..CHUNKS).map(request).collect();
+    let all: String = (0..CHUNKS).map(|i| peer_request(&me, &target(i))).collect();
     s.write_all(all.as_bytes()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     // The first answer's head: the server is writing.
@@ -436,29 +405,20 @@ fn an_asker_that_stops_reading_an_upload_loses_its_connection() {
         }
     }
     assert!(
-        got.len() < CHUNKS * CHUNK,
+        (got.len() as u64) < CHUNKS * CHUNK,
         "the stalled uploads went on: {} bytes for {} of chunks",
         got.len(),
         CHUNKS * CHUNK
     );
     // The port serves the next asker, and the node its own readers, every
     // byte right.
-    let mut s = std::net::TcpStream::connect(&me).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(
-        request(CHUNKS - 1)
-            .replace("HTTP/1.1\r\n", "HTTP/1.1\r\nConnection: close\r\n")
-            .as_bytes(),
-    )
-    .unwrap();
-    let mut answer = Vec::new();
-    s.read_to_end(&mut answer).unwrap();
+    let answer = peer_get(&me, &target(CHUNKS - 1));
     assert!(
         answer.starts_with(b"HTTP/1.1 200"),
         "{}",
         String::from_utf8_lossy(&answer[..answer.len().min(200)])
     );
-    assert!(answer.len() > CHUNK, "{} bytes", answer.len());
+    assert!(answer.len() as u64 > CHUNK, "{} bytes", answer.len());
     cmp_within(
         &w.src().join("big.bin"),
         &m.path("big.bin"),

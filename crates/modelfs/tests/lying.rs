@@ -445,89 +445,6 @@ fn pages_the_kernel_cached_from_a_liar_are_dropped_when_it_is_caught() {
     panic!("a.bin's chunk was checked in each of {TRIES} attempts");
 }
 
-/// Forwards connections to `to`, keeping a copy of what is sent there: the
-/// requests a node makes of that peer (which name a file's version).
-struct Tap {
-    addr: String,
-    sent: Arc<std::sync::Mutex<Vec<u8>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Tap {
-    fn start(ip: &str, to: &str) -> Tap {
-        let l = TcpListener::bind(format!("{ip}:0")).unwrap();
-        l.set_nonblocking(true).unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let sent = Arc::new(std::sync::Mutex::new(vec![]));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (seen, s, to) = (sent.clone(), stop.clone(), to.to_string());
-        std::thread::spawn(move || {
-            while !s.load(SeqCst) {
-                let Ok((mut from, _)) = l.accept() else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let _ = from.set_nonblocking(false);
-                let Ok(mut upstream) = TcpStream::connect(&to) else {
-                    continue;
-                };
-                let (mut back, mut down) =
-                    (upstream.try_clone().unwrap(), from.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut back, &mut down);
-                    let _ = down.shutdown(std::net::Shutdown::Both);
-                });
-                let seen = seen.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = from.read(&mut buf) {
-                        if n == 0 || upstream.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        seen.lock().unwrap().extend_from_slice(&buf[..n]);
-                    }
-                    let _ = upstream.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        });
-        Tap { addr, sent, stop }
-    }
-
-    /// The request line's target of the last chunk request naming `name`.
-    fn chunk_request(&self, name: &str) -> Option<String> {
-        let sent = String::from_utf8_lossy(&self.sent.lock().unwrap()).into_owned();
-        sent.lines()
-            .rev()
-            .find(|l| l.starts_with("GET /v1/chunk?") && l.contains(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .map(str::to_string)
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        self.stop.store(true, SeqCst);
-    }
-}
-
-/// Asks the node at `node` for chunk `target` as a group member would, so
-/// that it fetches and caches it; the HTTP status.
-fn ask_node(node: &str, target: &str, token: &str) -> u16 {
-    let mut c = TcpStream::connect(node).unwrap();
-    c.set_read_timeout(Some(BOUND)).unwrap();
-    let req = format!(
-        "GET {target} HTTP/1.1\r\nhost: {node}\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
-    );
-    c.write_all(req.as_bytes()).unwrap();
-    let mut answer = vec![];
-    let _ = c.read_to_end(&mut answer);
-    let head = String::from_utf8_lossy(&answer[..answer.len().min(64)]).into_owned();
-    head.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn an_inode_open_through_passthrough_never_serves_a_liars_retired_cache_file_to_new_opens() {
     for attempt in 1..=TRIES {
@@ -535,11 +452,9 @@ fn an_inode_open_through_passthrough_never_serves_a_liars_retired_cache_file_to_
         let a = write_file(&w.src().join("a.bin"), 60_000, 122);
         write_file(&w.src().join("b.bin"), 16 << 20, 123);
         let liar = Liar::start("127.0.0.122");
-        let tap = Tap::start("127.0.0.123", &liar.addr);
         let token_path = token_file(w.dir.path());
-        let token = std::fs::read_to_string(&token_path).unwrap();
         let me = format!("127.0.0.124:{}", free_port());
-        let peers = format!("{me},{}", tap.addr);
+        let peers = format!("{me},{}", liar.addr);
         let log = w.dir.path().join("node.log");
         let m = w.mount(&[
             "--listen",
@@ -593,11 +508,12 @@ fn an_inode_open_through_passthrough_never_serves_a_liars_retired_cache_file_to_
         ebusy("an open after the catch");
         // Cached again (asked for it as a peer would, since opens are
         // refused): a new cache file, which the old handle's backing is not.
-        let target = tap
-            .chunk_request("a.bin")
-            .expect("the node asked the liar for a.bin")
-            .replace("cached_only=1", "cached_only=0");
-        assert_eq!(ask_node(&me, &target, token.trim()), 200, "{target}");
+        let answer = peer_get(&me, &chunk_target(&w.src(), "a.bin", 64 << 10, 0));
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer[..answer.len().min(200)])
+        );
         ebusy("an open once a.bin is cached again");
 
         // The last old handle gone, a new open gets a fresh backing file.

@@ -8,6 +8,8 @@ mod lru;
 mod retired;
 mod store;
 
+#[cfg(test)]
+pub(crate) use store::on_tmpfs;
 pub use store::{CacheConfig, CacheFile, ChunkStore, Mode, Reservation, Reserve, WholeFilePin};
 
 #[cfg(test)]

@@ -251,7 +251,7 @@ fn out_of_space(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
-pub(super) fn on_tmpfs(dir: &std::path::Path) -> bool {
+pub(crate) fn on_tmpfs(dir: &std::path::Path) -> bool {
     nix::sys::statfs::statfs(dir)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }

@@ -416,7 +416,7 @@ fn files_removed_behind_the_cache_leave_its_accounting() {
 fn a_mapped_read_pins_its_chunk_until_dropped() {
     // Hits are mapped only from tmpfs.
     let d = tempfile::tempdir_in("/dev/shm").unwrap();
-    assert!(store::on_tmpfs(d.path()), "/dev/shm is not tmpfs here");
+    assert!(on_tmpfs(d.path()), "/dev/shm is not tmpfs here");
     let s = store(d.path(), 2 * CS);
     let f = s.file(&fv("a", 2 * CS));
     for i in 0..2 {

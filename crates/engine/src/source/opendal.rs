@@ -533,9 +533,7 @@ mod tests {
                 assert_eq!(&got[..], want, "{size} {range:?} direct");
             }
             // On tmpfs a file's bytes are its page cache, O_DIRECT or not.
-            let tmpfs = nix::sys::statfs::statfs(d.path())
-                .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-            if !tmpfs {
+            if !crate::cache::on_tmpfs(d.path()) {
                 assert_eq!(resident(&path), 0, "O_DIRECT filled the page cache");
             }
             for range in ranges {

@@ -227,11 +227,64 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The peer-group token [`token_file`] writes.
+pub const TOKEN: &str = "a-long-shared-group-token-for-tests";
+
 /// A peer-group token file in `dir`.
 pub fn token_file(dir: &Path) -> PathBuf {
     let p = dir.join("token");
-    std::fs::write(&p, "a-long-shared-group-token-for-tests\n").unwrap();
+    std::fs::write(&p, format!("{TOKEN}\n")).unwrap();
     p
+}
+
+/// The peer port's request target for chunk `index` of `name` in the local
+/// source dir `src`, named as a group member names it: with the engine's
+/// own source id and version of the file.
+pub fn chunk_target(src: &Path, name: &str, chunk_size: u64, index: u64) -> String {
+    use modelfs_engine::source::{open_source, SourceOptions};
+    let pct = |s: &str| -> String {
+        s.bytes()
+            .map(|b| match b.is_ascii_alphanumeric() {
+                true => (b as char).to_string(),
+                false => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let source = open_source(src.to_str().unwrap(), &SourceOptions::default()).unwrap();
+    let meta = rt.block_on(source.stat(name)).unwrap();
+    let object = format!("{}/{name}", source.id().trim_end_matches('/'));
+    format!(
+        "/v1/chunk?object={}&version={}&size={}&chunk_size={chunk_size}&index={index}&cached_only=0",
+        pct(&object),
+        pct(&meta.version),
+        meta.size
+    )
+}
+
+/// A GET of `target` from the peer port at `node`, as a member sends it
+/// (token, node id), keeping the connection open.
+pub fn peer_request(node: &str, target: &str) -> String {
+    format!(
+        "GET {target} HTTP/1.1\r\nHost: {node}\r\nAuthorization: Bearer {TOKEN}\r\n\
+         x-modelfs-node: a-test-member\r\n\r\n"
+    )
+}
+
+/// The whole answer of the peer port at `node` to a GET of `target`, on a
+/// connection of its own.
+pub fn peer_get(node: &str, target: &str) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(node).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let req = peer_request(node, target).replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+    c.write_all(req.as_bytes()).unwrap();
+    let mut answer = vec![];
+    let _ = c.read_to_end(&mut answer);
+    answer
 }
 
 /// Deterministic pseudo-random bytes.
