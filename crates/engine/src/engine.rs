@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::TryFutureExt;
@@ -12,12 +12,14 @@ use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info};
 
-use crate::cache::{CacheConfig, CacheFile, ChunkStore, Mode, Reserve, WholeFilePin};
+use crate::cache::{
+    CacheConfig, CacheFile, ChunkStore, ChunkWriter, Mode, Reservation, Reserve, WholeFilePin,
+};
 use crate::namespace::Namespace;
 use crate::prefetch::{PrefetchTicket, Prefetcher};
 use crate::singleflight::SingleFlight;
 use crate::stats::{add, Stats, StatsSnapshot};
-use crate::tier::{Answer, OriginTier, Tier};
+use crate::tier::{record_fetch, Answer, OriginTier, Tier};
 use crate::verify::Verifier;
 use crate::{Error, FileVersion, Result, Source};
 
@@ -298,7 +300,9 @@ impl Engine {
             Got::NoRoom(_) => {
                 let base = cf.chunk_range(i).start;
                 let range = base + rel.start..base + rel.end;
-                let got = self.fetch_from_tiers(cf, i, range, true, true).await?;
+                let got = self
+                    .fetch_from_tiers(cf, i, range, true, true, &mut None)
+                    .await?;
                 // Not cached, but served: its pages are the reader's kernel's.
                 self.remember(cf, i, got.unchecked_from);
                 let b = got.bytes;
@@ -336,7 +340,7 @@ impl Engine {
 
     async fn fetch_uncached(&self, cf: &CacheFile, i: u64) -> Result<Got> {
         let b = self
-            .fetch_from_tiers(cf, i, cf.chunk_range(i), false, false)
+            .fetch_from_tiers(cf, i, cf.chunk_range(i), false, false, &mut None)
             .await?;
         self.remember(cf, i, b.unchecked_from);
         let b = b.bytes;
@@ -357,7 +361,7 @@ impl Engine {
                     Want::Prefetch => Mode::Prefetch,
                     Want::Read | Want::Whole | Want::Peer => Mode::Read,
                 };
-                let room = match engine.store.reserve(&cf, i, mode) {
+                let mut room = match engine.store.reserve(&cf, i, mode) {
                     Reserve::Room(r) => Some(r),
                     Reserve::Busy | Reserve::NoRoom => return Ok(Got::NoRoom(want)),
                 };
@@ -368,6 +372,7 @@ impl Engine {
                         cf.chunk_range(i),
                         want == Want::Peer,
                         want == Want::Read,
+                        &mut room,
                     )
                     .await?;
                 // Its sender caught lying while this chunk was on its way:
@@ -420,7 +425,9 @@ impl Engine {
     /// on a peer must not hold budget that peer's own fetch for it may be
     /// waiting for on its side (two nodes would each hold what the other
     /// needs until the peer timeout). What comes from peers is bounded by
-    /// the flights that ask for it.
+    /// the flights that ask for it. With `room` for the chunk, the origin's
+    /// bytes are streamed into the cache where it can be (the room is then
+    /// used up).
     async fn fetch_from_tiers(
         &self,
         cf: &CacheFile,
@@ -428,6 +435,7 @@ impl Engine {
         range: Range<u64>,
         skip_peers: bool,
         reader: bool,
+        room: &mut Option<Reservation>,
     ) -> Result<Fetched> {
         let chunk = cf.chunk_range(index);
         // The origin, last, is asked below.
@@ -461,10 +469,58 @@ impl Engine {
                 });
             }
         }
+        if range == chunk && self.source.streams() && self.store.takes_streams() {
+            // Without a writer (its files could not be made) the chunk is
+            // fetched to serve, not to keep.
+            if let Some(w) = room.take().and_then(|r| self.store.writer(r)) {
+                return Ok(Fetched {
+                    bytes: self.stream_origin(cf, index, w, reader).await?,
+                    unchecked_from: None,
+                });
+            }
+        }
         Ok(Fetched {
             bytes: self.read_origin(cf, index, range, reader).await?,
             unchecked_from: None,
         })
+    }
+
+    /// Chunk `index` from the origin, written into the cache by `w` as it
+    /// arrives, within the in-flight budget while it streams: once in the
+    /// cache it is no longer in memory.
+    async fn stream_origin(
+        &self,
+        cf: &CacheFile,
+        index: u64,
+        mut w: ChunkWriter,
+        reader: bool,
+    ) -> Result<Bytes> {
+        add(&self.stats.source_requests, 1);
+        let range = cf.chunk_range(index);
+        let budget = self.budget(range.end - range.start, reader).await?;
+        let t = Instant::now();
+        let read = self.source.read_to(&cf.file, range.clone(), &mut w).await;
+        record_fetch("source", t, &read);
+        drop(budget);
+        if let Err(e) = read {
+            self.origin_failed(&e);
+            return Err(e);
+        }
+        add(&self.stats.bytes_from_source, range.end - range.start);
+        self.store.commit_written(w).map_err(|e| {
+            Error::Cache(format!(
+                "{} chunk {index}: cannot keep or serve it: {e}",
+                cf.file.path
+            ))
+        })
+    }
+
+    fn origin_failed(&self, e: &Error) {
+        let counter = match e {
+            Error::VersionChanged { .. } => &self.stats.version_changes,
+            _ => &self.stats.source_errors,
+        };
+        add(counter, 1);
     }
 
     /// Bytes `range` of chunk `index` from the origin, within the in-flight
@@ -486,11 +542,7 @@ impl Engine {
                 part(b, &range, &range, cf, index, origin.name())
             }
             Err(e) => {
-                let counter = match e {
-                    Error::VersionChanged { .. } => &self.stats.version_changes,
-                    _ => &self.stats.source_errors,
-                };
-                add(counter, 1);
+                self.origin_failed(&e);
                 Err(e)
             }
         }

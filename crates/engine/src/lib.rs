@@ -21,4 +21,4 @@ mod verify;
 
 pub use engine::{Engine, EngineConfig, OpenFile};
 pub use error::{Error, Result};
-pub use source::{DirEntry, FileVersion, ObjectMeta, Source};
+pub use source::{DirEntry, FileVersion, ObjectMeta, Sink, Source};

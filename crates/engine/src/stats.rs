@@ -66,6 +66,8 @@ pub struct Stats {
     pub bytes_from_peers: AtomicU64,
     pub bytes_from_warmup: AtomicU64,
     pub chunks_inserted: AtomicU64,
+    /// Of those, written into the cache as the origin sent them.
+    pub chunks_streamed: AtomicU64,
     pub chunks_evicted: AtomicU64,
     pub chunks_prefetched: AtomicU64,
     pub crc_failures: AtomicU64,
@@ -107,6 +109,7 @@ pub struct StatsSnapshot {
     pub hit_ratio: f64,
     pub chunks_cached: u64,
     pub chunks_inserted: u64,
+    pub chunks_streamed: u64,
     pub chunks_evicted: u64,
     pub chunks_prefetched: u64,
     pub crc_failures: u64,
@@ -172,6 +175,7 @@ impl Stats {
         s.bytes_from_peers = g(&self.bytes_from_peers);
         s.bytes_from_warmup = g(&self.bytes_from_warmup);
         s.chunks_inserted = g(&self.chunks_inserted);
+        s.chunks_streamed = g(&self.chunks_streamed);
         s.chunks_evicted = g(&self.chunks_evicted);
         s.chunks_prefetched = g(&self.chunks_prefetched);
         s.crc_failures = g(&self.crc_failures);

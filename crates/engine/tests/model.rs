@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use modelfs_engine::cache::WholeFilePin;
 use modelfs_engine::{
-    DirEntry, Engine, EngineConfig, Error, FileVersion, ObjectMeta, OpenFile, Result, Source,
+    DirEntry, Engine, EngineConfig, Error, FileVersion, ObjectMeta, OpenFile, Result, Sink, Source,
 };
 use proptest::prelude::*;
 
@@ -85,6 +85,23 @@ impl Source for MemSource {
             .ok_or(Error::NotFound(file.path.clone()))?;
         self.read.fetch_add(range.end - range.start, Relaxed);
         Ok(b.slice(range.start as usize..range.end as usize))
+    }
+    /// As an object store: the body in pieces (of odd sizes), which the
+    /// engine writes into the cache as they come.
+    fn streams(&self) -> bool {
+        true
+    }
+    async fn read_to(
+        &self,
+        file: &FileVersion,
+        range: Range<u64>,
+        sink: &mut (dyn Sink + Send),
+    ) -> Result<()> {
+        let b = self.read(file, range).await?;
+        for piece in b.chunks(1000) {
+            sink.put(piece);
+        }
+        Ok(())
     }
 }
 

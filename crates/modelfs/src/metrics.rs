@@ -92,6 +92,10 @@ fn describe() {
         "Bytes returned to readers through the mount (not those the kernel served from its page cache or by passthrough)"
     );
     describe_counter!(
+        "modelfs_chunks_streamed_total",
+        "Chunks written into the cache piece by piece as the origin sent them (object stores, cache on tmpfs)"
+    );
+    describe_counter!(
         "modelfs_chunks_evicted_total",
         "Chunks evicted from the cache (LRU)"
     );
@@ -173,6 +177,7 @@ fn copy_counters(engine: &Engine) {
     for (name, v) in [
         ("modelfs_served_bytes_total", s.bytes_served),
         ("modelfs_chunks_evicted_total", s.chunks_evicted),
+        ("modelfs_chunks_streamed_total", s.chunks_streamed),
         ("modelfs_chunks_prefetched_total", s.chunks_prefetched),
         (
             "modelfs_chunks_served_to_peers_total",

@@ -351,44 +351,6 @@ fn a_failed_check_at_open_is_eio_and_the_file_stays_listed() {
 
 const MIB: usize = 1 << 20;
 
-/// A tmpfs of a given size for a cache dir to live in; lazily unmounted
-/// when dropped, even when the test failed (and before its dir goes).
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn new(bytes: usize) -> Tmpfs {
-        let dir = tempfile::Builder::new()
-            .prefix("modelfs-test-tmpfs")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        nix::mount::mount(
-            Some("tmpfs"),
-            dir.path(),
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            Some(format!("size={bytes},mode=0700").as_str()),
-        )
-        .expect("mounting a tmpfs (root is required)");
-        Tmpfs { dir }
-    }
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-    /// Bytes the filesystem can still give.
-    fn available(&self) -> u64 {
-        let s = nix::sys::statvfs::statvfs(self.path()).unwrap();
-        s.blocks_available() * s.fragment_size()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(self.path(), nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
 /// Runs `modelfs mount` with exactly `args` after the source and mount
 /// point (no `--cache-size` added), returning its output and a guard that
 /// takes the mount down if it came up.
@@ -667,6 +629,73 @@ fn a_full_cache_filesystem_serves_uncached_instead_of_eio() {
         "the full filesystem went unnoticed: {s}"
     );
     assert_eq!(s["read_errors"], 0, "{s}");
+}
+
+/// An object store's body goes into the cache file piece by piece as it
+/// arrives: when the cache's filesystem fills in the middle of a chunk, the
+/// pieces already written are taken back into memory and the chunk is
+/// served whole, from the one fetch.
+#[test]
+fn a_cache_filesystem_that_fills_mid_chunk_under_an_object_store_serves_every_byte() {
+    let g = garage();
+    let w = Work::new();
+    let names = ["a.bin", "b.bin", "c.bin"];
+    for (i, n) in names.iter().enumerate() {
+        write_file(&w.src().join(n), 24 * MIB, 186 + i as u64);
+    }
+    g.push(&w.src(), "s3://models/fills");
+    let fs = Tmpfs::new(64 * MIB);
+    let cache = fs.path().join("cache");
+    let m = Mount::new(
+        "s3://models/fills",
+        &w.mnt(),
+        &cache,
+        &[
+            "--endpoint",
+            &g.endpoint,
+            "--cache-size",
+            "48MiB",
+            "--chunk-size",
+            "4MiB",
+            "--prefetch-concurrency",
+            "2",
+        ],
+        &g.env,
+    );
+    // 10 MiB stay free: two chunks fit, the third fills it half way.
+    let filler = fs.available() as usize - 10 * MIB;
+    let mut f = std::fs::File::create(fs.path().join("filler")).unwrap();
+    let zeros = vec![0u8; MIB];
+    for _ in 0..filler / MIB {
+        std::io::Write::write_all(&mut f, &zeros).unwrap();
+    }
+    drop(f);
+    for n in names {
+        let got = std::fs::read(m.path(n)).unwrap_or_else(|e| panic!("{n}: {e}; {}", m.stats()));
+        let want = std::fs::read(w.src().join(n)).unwrap();
+        if let Some(d) = first_difference(&got, &want) {
+            panic!("{n}: {d}; stats {}", m.stats());
+        }
+    }
+    let s = m.stats();
+    let stat = |k: &str| s[k].as_u64().unwrap();
+    assert!(
+        stat("cache_write_errors") > 0,
+        "the filesystem never filled: {s}"
+    );
+    assert!(stat("chunks_streamed") > 0, "nothing was streamed: {s}");
+    assert_eq!(s["read_errors"], 0, "{s}");
+    // A chunk whose write failed was fetched whole once and served; what
+    // its reader asks of it next comes from the origin piece by piece, as
+    // for any chunk with no room: never more than once more. So for an
+    // evicted chunk, read or not.
+    let total = 3 * 24 * MIB as u64;
+    let again = stat("cache_write_errors") + stat("chunks_evicted");
+    assert!(
+        stat("bytes_from_source") <= total + again * 4 * MIB as u64,
+        "{} bytes from the origin for {total}: {s}",
+        stat("bytes_from_source")
+    );
 }
 
 /// (a) A cache dir owned by another user is refused.

@@ -102,13 +102,44 @@ impl Files {
         r
     }
 
+    /// Writes part of a chunk; the chunk is not in the index until
+    /// [`Self::index_chunk`].
+    pub fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        self.data.write_all_at(bytes, offset)
+    }
+
+    /// Records chunk `i`, written whole, in the index.
+    pub fn index_chunk(&self, i: u64, crc: u32) -> io::Result<()> {
+        self.index.set(i, Some(crc))
+    }
+
+    /// Undoes a chunk written (in part or whole): out of the index, then
+    /// its blocks freed.
+    pub fn unwrite(&self, i: u64, range: Range<u64>) -> io::Result<()> {
+        let _ = self.index.set(i, None);
+        self.punch(range)
+    }
+
+    /// As [`Self::map`] without reading the pages in first: a chunk just
+    /// fetched is mapped for its waiters, and prefetch's has none, so it
+    /// then costs no page walk.
+    pub fn map_lazily(&self, offset: u64, len: u64) -> io::Result<memmap2::Mmap> {
+        // SAFETY: as in `map`; the caller holds a pin on the chunk.
+        unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len as usize)
+                .map(&self.data)
+        }
+    }
+
     /// Forgets chunk `i` in the index, then frees its blocks.
     pub fn evict(&self, i: u64, range: Range<u64>) -> io::Result<()> {
         self.index.set(i, None)?;
         self.punch(range)
     }
 
-    fn punch(&self, range: Range<u64>) -> io::Result<()> {
+    pub(super) fn punch(&self, range: Range<u64>) -> io::Result<()> {
         // SAFETY: fallocate on an fd we own; it only deallocates blocks and
         // keeps the file's size.
         let rc = unsafe {

@@ -7,10 +7,12 @@ mod index;
 mod lru;
 mod retired;
 mod store;
+mod writer;
 
 #[cfg(test)]
 pub(crate) use store::on_tmpfs;
 pub use store::{CacheConfig, CacheFile, ChunkStore, Mode, Reservation, Reserve, WholeFilePin};
+pub use writer::ChunkWriter;
 
 #[cfg(test)]
 mod tests;

@@ -25,6 +25,7 @@ use super::disk::{self, Files};
 use super::index::Header;
 use super::lru::Lru;
 use super::retired::Retired;
+use super::writer::{ChunkWriter, Written};
 use crate::size::ByteSize;
 use crate::stats::{add, Stats};
 use crate::{Error, FileVersion, Result};
@@ -322,7 +323,7 @@ impl ChunkStore {
                 h.chunk_size == self.cfg.chunk_size
                     && key_of(&self.cfg.source_id, h.chunk_size, &h.file) == key
             });
-            let Some((_, header, present)) = opened.filter(|(_, _, p)| !p.is_empty()) else {
+            let Some((files, header, present)) = opened.filter(|(_, _, p)| !p.is_empty()) else {
                 disk::remove(&self.dir, key);
                 continue;
             };
@@ -345,6 +346,11 @@ impl ChunkStore {
                 restored += 1;
             }
             e.exposed = e.slots.iter().all(|s| s.state == State::Present);
+            if !e.exposed {
+                // A chunk being written when the last run died has bytes
+                // but no index entry: nobody counts them, so they go.
+                self.punch_absent(&files, &e);
+            }
             inner.files.insert(key, e);
         }
         // Files of other chunk sizes or sources, and strays.
@@ -368,6 +374,26 @@ impl ChunkStore {
         };
         drop(inner);
         self.punch(victims);
+    }
+
+    /// Frees the blocks of every chunk of `e` that is not present, in runs.
+    fn punch_absent(&self, files: &Files, e: &Entry) {
+        let cs = self.cfg.chunk_size;
+        let mut run: Option<Range<u64>> = None;
+        for (i, s) in e.slots.iter().enumerate() {
+            let i = i as u64;
+            if s.state == State::Present {
+                if let Some(r) = run.take() {
+                    let _ = files.punch(r);
+                }
+                continue;
+            }
+            let end = (i * cs + cs).min(e.file.size);
+            run = Some(run.map_or(i * cs..end, |r| r.start..end));
+        }
+        if let Some(r) = run {
+            let _ = files.punch(r);
+        }
     }
 
     fn key(&self, f: &FileVersion) -> u128 {
@@ -740,76 +766,167 @@ impl ChunkStore {
             return false;
         }
         let crc = crc32c::crc32c(bytes);
-        let (files, range) = {
-            let mut g = self.inner.lock();
-            let inner = &mut *g;
-            let Some(e) = inner.files.get_mut(&r.key).filter(|e| e.gen == r.gen) else {
-                return false;
-            };
-            let range = {
-                let start = r.i * self.cfg.chunk_size;
-                start..start + r.len
-            };
-            if !e.on_disk {
-                let header = Header {
-                    chunk_size: self.cfg.chunk_size,
-                    file: e.file.clone(),
-                };
-                match Files::create(&self.dir, r.key, &header) {
-                    Ok(f) => {
-                        e.files = Some(Arc::new(f));
-                        e.on_disk = true;
-                    }
-                    Err(err) => {
-                        let path = e.file.path.clone();
-                        self.write_failed(inner, &path, &err, r.len);
-                        return false;
-                    }
-                }
-            }
-            let Some(files) = self.files(inner, r.key) else {
-                return false;
-            };
-            (files, range)
+        let Some((files, range)) = self.files_for_write(&r) else {
+            return false;
         };
         let written = files.write_chunk(r.i, range, bytes, crc);
         let mut inner = self.inner.lock();
         if let Err(err) = written {
-            let path = inner
-                .files
-                .get(&r.key)
-                .map(|e| e.file.path.clone())
-                .unwrap_or_default();
-            self.write_failed(&mut inner, &path, &err, r.len);
+            self.write_failed_for(&mut inner, &r, &err);
             return false;
         }
-        let Some(e) = inner.files.get_mut(&r.key).filter(|e| e.gen == r.gen) else {
-            return false;
+        self.committed(&mut inner, &mut r, crc, false).is_some()
+    }
+
+    /// Whether a fetched chunk may be written into the cache as it arrives
+    /// ([`Self::writer`]): where hits are answered from a mapping (tmpfs).
+    /// Elsewhere the bytes are joined in memory and given to
+    /// [`Self::commit`], so the waiters are not served by reading the file
+    /// back.
+    pub fn takes_streams(&self) -> bool {
+        self.map_hits
+    }
+
+    /// A writer that puts reserved chunk `r`'s bytes in its cache file as
+    /// they arrive, for [`Self::commit_written`]; it holds the room until
+    /// then. `None` if the chunk's files could not be made (counted as a
+    /// failed write; the room is given back).
+    pub fn writer(&self, r: Reservation) -> Option<ChunkWriter> {
+        let (files, range) = self.files_for_write(&r)?;
+        Some(ChunkWriter::new(r, files, range))
+    }
+
+    /// Keeps what `w` wrote and gives it to the waiters: a mapping of the
+    /// cache file that pins the chunk until the last of them is done, or,
+    /// when the chunk could not be kept, its bytes in memory.
+    pub fn commit_written(self: &Arc<Self>, w: ChunkWriter) -> io::Result<Bytes> {
+        if !w.complete() {
+            warn!("a chunk streamed short; not cached");
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the chunk was not written whole",
+            ));
+        }
+        let (mut r, written) = w.finish();
+        let (files, range, crc) = match written {
+            Written::InFile { files, range, crc } => (files, range, crc),
+            Written::InMemory(bytes, err) => {
+                self.write_failed_for(&mut self.inner.lock(), &r, &err);
+                return Ok(bytes);
+            }
+            Written::Lost(err) => {
+                self.write_failed_for(&mut self.inner.lock(), &r, &err);
+                return Err(err);
+            }
         };
+        add(&self.stats.chunks_streamed, 1);
+        let len = range.end - range.start;
+        // Until its index entry is written nobody else knows these bytes are
+        // there: a copy of them is safe to take first when they cannot be
+        // kept.
+        if let Err(err) = files.index_chunk(r.i, crc) {
+            let bytes = files.read(range.start, len);
+            let _ = files.unwrite(r.i, range);
+            self.write_failed_for(&mut self.inner.lock(), &r, &err);
+            return bytes;
+        }
+        let mut inner = self.inner.lock();
+        match self.committed(&mut inner, &mut r, crc, true) {
+            Some(Some(pin)) => {
+                drop(inner);
+                match files.map_lazily(range.start, len) {
+                    Ok(map) => Ok(Bytes::from_owner(Mapped { map, _pin: pin })),
+                    Err(_) => files.read(range.start, len),
+                }
+            }
+            // Retired while it was written (a new version, a liar caught):
+            // the file is unlinked and its bytes counted nowhere, so they
+            // are copied out and freed.
+            _ => {
+                drop(inner);
+                let bytes = files.read(range.start, len);
+                let _ = files.unwrite(r.i, range);
+                bytes
+            }
+        }
+    }
+
+    /// The files reserved chunk `r` goes into, created on its file's first
+    /// chunk, and the chunk's range in them.
+    fn files_for_write(&self, r: &Reservation) -> Option<(Arc<Files>, Range<u64>)> {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        let e = inner.files.get_mut(&r.key).filter(|e| e.gen == r.gen)?;
+        let range = {
+            let start = r.i * self.cfg.chunk_size;
+            start..start + r.len
+        };
+        if !e.on_disk {
+            let header = Header {
+                chunk_size: self.cfg.chunk_size,
+                file: e.file.clone(),
+            };
+            match Files::create(&self.dir, r.key, &header) {
+                Ok(f) => {
+                    e.files = Some(Arc::new(f));
+                    e.on_disk = true;
+                }
+                Err(err) => {
+                    let path = e.file.path.clone();
+                    self.write_failed(inner, &path, &err, r.len);
+                    return None;
+                }
+            }
+        }
+        Some((self.files(inner, r.key)?, range))
+    }
+
+    fn write_failed_for(&self, inner: &mut Inner, r: &Reservation, err: &io::Error) {
+        let path = inner
+            .files
+            .get(&r.key)
+            .map(|e| e.file.path.clone())
+            .unwrap_or_default();
+        self.write_failed(inner, &path, err, r.len);
+    }
+
+    /// Marks reserved chunk `r`, now written and indexed, present: `None`
+    /// if its file was retired meanwhile, else a pin on it if asked for.
+    fn committed(
+        &self,
+        inner: &mut Inner,
+        r: &mut Reservation,
+        crc: u32,
+        pin: bool,
+    ) -> Option<Option<ChunkPin>> {
+        let tick = {
+            let e = inner.files.get(&r.key).filter(|e| e.gen == r.gen)?;
+            e.slots.get(r.i as usize)?;
+            inner.lru.touch((r.key, r.i), None)
+        };
+        let e = inner.files.get_mut(&r.key)?;
         e.present_bytes += r.len;
+        e.slots[r.i as usize] = Slot {
+            state: State::Present,
+            crc,
+            verified: true,
+            read: !r.prefetch,
+            pins: u32::from(pin),
+            tick: Some(tick),
+        };
         // Pinned whole yet missing chunks: its file was retired under a pin.
         if e.whole_pins > 0 {
             inner.pinned += r.len;
         }
-        let tick = inner.lru.touch((r.key, r.i), None);
         inner.cached += 1;
-        if let Some(s) = inner
-            .files
-            .get_mut(&r.key)
-            .and_then(|e| e.slots.get_mut(r.i as usize))
-        {
-            *s = Slot {
-                state: State::Present,
-                crc,
-                verified: true,
-                read: !r.prefetch,
-                pins: 0,
-                tick: Some(tick),
-            };
-        }
         r.done = true;
         add(&self.stats.chunks_inserted, 1);
-        true
+        Some(pin.then(|| ChunkPin {
+            store: Arc::clone(&r.store),
+            key: r.key,
+            gen: r.gen,
+            i: r.i,
+        }))
     }
 
     /// A write to the cache failed: the chunk is served uncached, and when

@@ -5,6 +5,8 @@ use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use super::*;
 use crate::FileVersion;
 
@@ -507,4 +509,215 @@ fn a_chunk_discarded_while_mapped_keeps_the_mapped_bytes_and_its_new_copy_unpins
     drop(new);
     assert_eq!(put(&s, &g, 0, Mode::Read), Some(true), "unpinned at last");
     assert!(!s.contains(&f, 0));
+}
+
+/// Streams chunk `i` of `f` into the store in pieces of `sizes` (the rest
+/// in one last piece).
+fn stream(s: &Arc<ChunkStore>, f: &CacheFile, i: u64, sizes: &[usize]) -> std::io::Result<Bytes> {
+    use crate::source::Sink;
+    let Reserve::Room(r) = s.reserve(f, i, Mode::Read) else {
+        panic!("room expected")
+    };
+    assert!(s.takes_streams(), "streams are taken on tmpfs");
+    let mut w = s.writer(r).expect("a writer");
+    let want = chunk(f, i);
+    let mut at = 0;
+    for &n in sizes.iter().chain([&usize::MAX]) {
+        let end = at + n.min(want.len() - at);
+        w.put(&want[at..end]);
+        at = end;
+    }
+    s.commit_written(w)
+}
+
+#[test]
+fn a_streamed_chunk_is_kept_checked_and_pinned_until_its_waiters_are_done() {
+    let d = tempfile::tempdir_in("/dev/shm").unwrap();
+    let s = store(d.path(), 2 * CS);
+    let f = s.file(&fv("a", 2 * CS - 7));
+    let got = stream(&s, &f, 1, &[1, 1000, 0, 2048]).unwrap();
+    assert_eq!(&got[..], &chunk(&f, 1)[..]);
+    assert!(s.contains(&f, 1));
+    // Pinned while its waiters hold it: room is made from a newer chunk.
+    let g = s.file(&fv("b", CS));
+    assert_eq!(put(&s, &g, 0, Mode::Read), Some(true));
+    let h = s.file(&fv("c", CS));
+    assert_eq!(put(&s, &h, 0, Mode::Read), Some(true));
+    assert!(
+        s.contains(&f, 1) && !s.contains(&g, 0),
+        "the streamed chunk is pinned"
+    );
+    assert_eq!(&got[..], &chunk(&f, 1)[..]);
+    drop(got);
+    assert_eq!(put(&s, &g, 0, Mode::Read), Some(true));
+    assert!(!s.contains(&f, 1), "unpinned, the oldest goes first");
+    // Its crc, summed piece by piece, is the whole chunk's: a restart
+    // takes it back and checks it.
+    let h = s.file(&fv("d", 2 * CS));
+    assert_eq!(
+        &stream(&s, &h, 0, &[4095, 1]).unwrap()[..],
+        &chunk(&h, 0)[..]
+    );
+    drop((f, g, h, s));
+    let s = store(d.path(), 2 * CS);
+    let h = s.file(&fv("d", 2 * CS));
+    assert_eq!(
+        &s.read_chunk(&h, 0).expect("restored")[..],
+        &chunk(&h, 0)[..]
+    );
+    assert_eq!(s.stats.crc_failures.load(Relaxed), 0);
+}
+
+#[test]
+fn a_stream_cut_short_leaves_no_bytes_and_gives_its_room_back() {
+    use crate::source::Sink;
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir_in("/dev/shm").unwrap();
+    let s = store(d.path(), 4 * CS);
+    let f = s.file(&fv("a", 4 * CS));
+    assert_eq!(put(&s, &f, 0, Mode::Read), Some(true));
+    let blocks = || {
+        let data = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "data"))
+            .unwrap();
+        std::fs::metadata(data).unwrap().blocks()
+    };
+    let before = blocks();
+    // The source fails half way: the writer and the room are dropped.
+    let Reserve::Room(r) = s.reserve(&f, 1, Mode::Read) else {
+        panic!("room expected")
+    };
+    let mut w = s.writer(r).unwrap();
+    w.put(&chunk(&f, 1)[..2000]);
+    assert!(blocks() > before);
+    drop(w);
+    assert_eq!(blocks(), before, "the piece written is punched");
+    assert_eq!(s.usage(), (CS, 1), "its room is given back");
+    // A writer committed short is refused the same way.
+    let Reserve::Room(r) = s.reserve(&f, 1, Mode::Read) else {
+        panic!("room again")
+    };
+    let mut w = s.writer(r).unwrap();
+    w.put(&chunk(&f, 1)[..CS as usize - 1]);
+    assert!(s.commit_written(w).is_err());
+    assert_eq!(blocks(), before);
+    assert_eq!(s.usage(), (CS, 1));
+    assert!(!s.contains(&f, 1));
+    assert_eq!(&stream(&s, &f, 1, &[100]).unwrap()[..], &chunk(&f, 1)[..]);
+}
+
+#[test]
+fn a_stream_into_a_full_filesystem_is_served_from_memory() {
+    let fs = SmallFs::new(64 * CS);
+    let dir = fs.0.path().join("cache");
+    let s = store(&dir, 32 * CS);
+    let f = s.file(&fv("a", 64 * CS));
+    std::fs::write(fs.0.path().join("filler"), vec![1u8; (60 * CS) as usize]).unwrap();
+    let mut served_uncached = 0;
+    for i in 0..8 {
+        let got = stream(&s, &f, i, &[CS as usize / 3, 10, CS as usize / 2]).unwrap();
+        assert!(got[..] == chunk(&f, i)[..], "chunk {i}");
+        if !s.contains(&f, i) {
+            served_uncached += 1;
+        }
+        drop(got);
+    }
+    assert!(served_uncached > 0, "the filesystem never filled");
+    assert!(s.stats.cache_write_errors.load(Relaxed) > 0);
+    for i in 0..8 {
+        if let Some(b) = s.read_chunk(&f, i) {
+            assert!(b[..] == chunk(&f, i)[..], "chunk {i} as cached");
+        }
+    }
+}
+
+#[test]
+fn off_tmpfs_a_chunk_is_joined_in_memory_not_streamed() {
+    let d = tempfile::tempdir().unwrap();
+    if on_tmpfs(d.path()) {
+        return;
+    }
+    assert!(!store(d.path(), 2 * CS).takes_streams());
+}
+
+#[test]
+fn pieces_written_before_the_filesystem_filled_are_taken_back_into_memory() {
+    use crate::source::Sink;
+    const BIG: u64 = 64 * 1024;
+    let fs = SmallFs::new(8 * BIG);
+    let dir = fs.0.path().join("cache");
+    let s = ChunkStore::open(
+        CacheConfig {
+            dir: dir.clone(),
+            capacity: 4 * BIG,
+            chunk_size: BIG,
+            source_id: "test".into(),
+            prefetch_window: u64::MAX,
+        },
+        Arc::default(),
+    )
+    .unwrap();
+    let f = s.file(&fv("a", 4 * BIG));
+    let want: Vec<u8> = (0..BIG).map(|b| (b * 7 + 1) as u8).collect();
+    let Reserve::Room(r) = s.reserve(&f, 0, Mode::Read) else {
+        panic!("room expected")
+    };
+    let mut w = s.writer(r).unwrap();
+    // A third of the chunk goes into the file; then someone else fills it.
+    w.put(&want[..BIG as usize / 3]);
+    let free = nix::sys::statvfs::statvfs(fs.0.path()).unwrap();
+    let free = free.blocks_available() * free.fragment_size();
+    std::fs::write(fs.0.path().join("filler"), vec![1u8; free as usize]).unwrap();
+    w.put(&want[BIG as usize / 3..BIG as usize / 2]);
+    w.put(&want[BIG as usize / 2..]);
+    let got = s.commit_written(w).unwrap();
+    assert!(got[..] == want[..], "the chunk is served whole");
+    assert!(!s.contains(&f, 0), "and not kept");
+    assert_eq!(s.stats.cache_write_errors.load(Relaxed), 1);
+    assert_eq!(s.usage(), (0, 0), "its room is given back");
+    std::fs::remove_file(fs.0.path().join("filler")).unwrap();
+    let data = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "data"))
+        .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(data).unwrap().blocks(),
+        0,
+        "nothing left in the file"
+    );
+}
+
+#[test]
+fn a_chunk_half_written_when_the_daemon_died_is_freed_on_restart() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir_in("/dev/shm").unwrap();
+    let s = store(d.path(), 4 * CS);
+    let f = s.file(&fv("a", 4 * CS));
+    assert_eq!(put(&s, &f, 0, Mode::Read), Some(true));
+    let data = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "data"))
+        .unwrap();
+    drop(f);
+    drop(s);
+    // What a writer had put of chunk 2 when the daemon was killed: bytes
+    // in the file, no index entry.
+    let file = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[7u8; 3000], 2 * CS).unwrap();
+    drop(file);
+    assert_eq!(std::fs::metadata(&data).unwrap().blocks() * 512, 2 * CS);
+    let s = store(d.path(), 4 * CS);
+    assert_eq!(
+        std::fs::metadata(data).unwrap().blocks() * 512,
+        CS,
+        "only the chunk the index holds keeps blocks"
+    );
+    assert_eq!(s.usage(), (CS, 1));
+    let f = s.file(&fv("a", 4 * CS));
+    assert_eq!(&s.read_chunk(&f, 0).unwrap()[..], &chunk(&f, 0)[..]);
 }

@@ -50,6 +50,33 @@ pub trait Source: Send + Sync + 'static {
     /// Bytes `range` of `file`; `Error::VersionChanged` if the object is no
     /// longer that version.
     async fn read(&self, file: &FileVersion, range: Range<u64>) -> Result<Bytes>;
+    /// Whether [`Source::read_to`] hands over a body in pieces as it
+    /// arrives (an object store's) rather than whole (a file's, which
+    /// gains nothing from it).
+    fn streams(&self) -> bool {
+        false
+    }
+    /// As [`Source::read`], each piece handed to `sink` as it arrives: a
+    /// body streamed from an object store then goes straight into the cache
+    /// file instead of being joined in a buffer first. On an error, what
+    /// the sink got is to be thrown away.
+    async fn read_to(
+        &self,
+        file: &FileVersion,
+        range: Range<u64>,
+        sink: &mut (dyn Sink + Send),
+    ) -> Result<()> {
+        let b = self.read(file, range).await?;
+        sink.put(&b);
+        Ok(())
+    }
+}
+
+/// Where [`Source::read_to`] puts the bytes, in order.
+pub trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+    /// Bytes put so far.
+    fn written(&self) -> u64;
 }
 
 /// Joins a directory and a name into a source path.

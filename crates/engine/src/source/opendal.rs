@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use opendal::{EntryMode, ErrorKind, Metadata, Operator};
 
-use super::{DirEntry, FileVersion, ObjectMeta, Source};
+use super::{DirEntry, FileVersion, ObjectMeta, Sink, Source};
 use crate::{buf, Error, Result};
 
 /// Every storage service (local or NAS directory, S3, OSS, GCS, Azure Blob)
@@ -168,14 +168,15 @@ impl OpendalSource {
         }
     }
 
-    /// Bytes `range` of an object, streamed into a reused buffer, so a
-    /// chunk is never held twice (as the body's pieces and joined).
+    /// Bytes `range` of an object, each piece of the body put in `sink` as
+    /// it arrives.
     async fn read_remote(
         &self,
         file: &FileVersion,
         range: Range<u64>,
         etag: Option<&str>,
-    ) -> std::result::Result<Bytes, opendal::Error> {
+        sink: &mut (dyn Sink + Send),
+    ) -> std::result::Result<(), opendal::Error> {
         let mut req = self.op.reader_with(&file.path);
         if let Some(etag) = etag {
             req = req.if_match(if self.quoted_if_match {
@@ -184,16 +185,15 @@ impl OpendalSource {
                 etag.trim_matches('"')
             });
         }
-        let want = (range.end - range.start) as usize;
+        let want = range.end - range.start;
         let mut stream = req.await?.into_stream(range).await?;
-        let mut buf = buf::take(want);
         while let Some(part) = stream.try_next().await? {
             for piece in part {
                 // More than asked for is a short read's opposite; the length
-                // check below reports it without growing the buffer.
-                let room = want.saturating_sub(buf.len()).min(piece.len());
-                buf.extend_from_slice(&piece[..room]);
-                if room < piece.len() {
+                // check after the read reports it without taking the rest.
+                let room = want.saturating_sub(sink.written()).min(piece.len() as u64);
+                sink.put(&piece[..room as usize]);
+                if room < piece.len() as u64 {
                     return Err(opendal::Error::new(
                         ErrorKind::Unexpected,
                         format!("the store sent more than the {want} bytes asked for"),
@@ -201,7 +201,55 @@ impl OpendalSource {
                 }
             }
         }
-        Ok(buf::freeze(buf))
+        Ok(())
+    }
+
+    /// What a read of `file` must still prove once its bytes are in: that
+    /// they all came from that version (a stat after it, where the read
+    /// itself was not conditional) and that they are all there.
+    async fn check_read(
+        &self,
+        file: &FileVersion,
+        conditional: bool,
+        at: u64,
+        want: u64,
+        got: u64,
+    ) -> Result<()> {
+        if !conditional {
+            let now = self.stat(&file.path).await.map_err(|e| match e {
+                Error::NotFound(p) => Error::VersionChanged {
+                    path: p,
+                    expected: file.version.clone(),
+                    found: "deleted".into(),
+                },
+                e => e,
+            })?;
+            if now.version != file.version {
+                return Err(Error::VersionChanged {
+                    path: file.path.clone(),
+                    expected: file.version.clone(),
+                    found: now.version,
+                });
+            }
+        }
+        if got != want {
+            return Err(Error::Source {
+                path: file.path.clone(),
+                msg: format!("short read at {at}: {got} of {want} bytes"),
+            });
+        }
+        Ok(())
+    }
+
+    fn remote_err(&self, file: &FileVersion, e: opendal::Error) -> Error {
+        match e.kind() {
+            ErrorKind::ConditionNotMatch => Error::VersionChanged {
+                path: file.path.clone(),
+                expected: file.version.clone(),
+                found: "a newer ETag".into(),
+            },
+            _ => self.err(&file.path, e),
+        }
     }
 
     fn meta(&self, m: &Metadata) -> ObjectMeta {
@@ -388,51 +436,52 @@ impl Source for OpendalSource {
 
     async fn read(&self, file: &FileVersion, range: Range<u64>) -> Result<Bytes> {
         let want = range.end - range.start;
+        if let Some(root) = &self.local_root {
+            let b = self.read_local(root, file, range.clone()).await?;
+            self.check_read(file, false, range.start, want, b.len() as u64)
+                .await?;
+            return Ok(b);
+        }
+        let mut sink = Joined(buf::take(want as usize));
+        self.read_to(file, range, &mut sink).await?;
+        Ok(buf::freeze(sink.0))
+    }
+
+    fn streams(&self) -> bool {
+        self.local_root.is_none()
+    }
+
+    async fn read_to(
+        &self,
+        file: &FileVersion,
+        range: Range<u64>,
+        sink: &mut (dyn Sink + Send),
+    ) -> Result<()> {
+        let want = range.end - range.start;
+        let at = range.start;
         let etag = file.version.strip_prefix(ETAG).filter(|_| self.if_match);
-        let buf = match &self.local_root {
-            Some(root) => self.read_local(root, file, range.clone()).await?,
+        match &self.local_root {
+            Some(root) => sink.put(&self.read_local(root, file, range).await?),
             None => self
-                .read_remote(file, range.clone(), etag)
+                .read_remote(file, range, etag, sink)
                 .await
-                .map_err(|e| match e.kind() {
-                    ErrorKind::ConditionNotMatch => Error::VersionChanged {
-                        path: file.path.clone(),
-                        expected: file.version.clone(),
-                        found: "a newer ETag".into(),
-                    },
-                    _ => self.err(&file.path, e),
-                })?,
-        };
-        if etag.is_none() {
-            // No conditional read here: a stat after the read proves the bytes
-            // all came from the version the handle was opened on.
-            let now = self.stat(&file.path).await.map_err(|e| match e {
-                Error::NotFound(p) => Error::VersionChanged {
-                    path: p,
-                    expected: file.version.clone(),
-                    found: "deleted".into(),
-                },
-                e => e,
-            })?;
-            if now.version != file.version {
-                return Err(Error::VersionChanged {
-                    path: file.path.clone(),
-                    expected: file.version.clone(),
-                    found: now.version,
-                });
-            }
+                .map_err(|e| self.remote_err(file, e))?,
         }
-        if buf.len() as u64 != want {
-            return Err(Error::Source {
-                path: file.path.clone(),
-                msg: format!(
-                    "short read at {}: {} of {want} bytes",
-                    range.start,
-                    buf.len()
-                ),
-            });
-        }
-        Ok(buf)
+        self.check_read(file, etag.is_some(), at, want, sink.written())
+            .await
+    }
+}
+
+/// A body joined in a reused buffer.
+struct Joined(Vec<u8>);
+
+impl Sink for Joined {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+
+    fn written(&self) -> u64 {
+        self.0.len() as u64
     }
 }
 

@@ -355,3 +355,41 @@ pub fn drop_page_cache(path: &Path) {
     // SAFETY: advisory call on an fd we own.
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
 }
+
+/// A tmpfs of a given size for a cache dir to live in; lazily unmounted
+/// when dropped, even when the test failed (and before its dir goes).
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn new(bytes: usize) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("modelfs-test-tmpfs")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={bytes},mode=0700").as_str()),
+        )
+        .expect("mounting a tmpfs (root is required)");
+        Tmpfs { dir }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    /// Bytes the filesystem can still give.
+    pub fn available(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(self.path()).unwrap();
+        s.blocks_available() * s.fragment_size()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
