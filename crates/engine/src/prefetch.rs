@@ -7,9 +7,14 @@
 //! nobody has read, or everything else is pinned) it pauses, fetching
 //! nothing, and goes on when readers make room. A chunk it fetched is never
 //! fetched again by it, even if a reader's miss evicted it unread.
+//!
+//! Once a file open for reading is all in the cache, the next shard of its
+//! model ("-00002-of-00004") is prefetched while it stays open: loaders
+//! (vLLM's, safetensors' own) read shards one after another, and the next
+//! one is then mostly cached when it is opened. One shard ahead, no more.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +24,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::cache::CacheFile;
 use crate::engine::{Got, Want};
 use crate::stats::add;
-use crate::Engine;
+use crate::{Engine, FileVersion};
 
 mod follow;
 
@@ -32,6 +37,11 @@ struct Job {
     hint: AtomicU64,
     wake: Notify,
     follow: follow::Follow,
+    /// Started for the shard after an open one, and not opened itself
+    /// since: it reaches no further ahead.
+    ahead: AtomicBool,
+    /// The next shard's prefetch, for as long as this file is open.
+    next: Mutex<Option<PrefetchTicket>>,
 }
 
 pub struct Prefetcher {
@@ -58,9 +68,16 @@ impl Prefetcher {
     }
 
     pub fn start(&self, engine: &Arc<Engine>, cf: &Arc<CacheFile>) -> PrefetchTicket {
+        self.start_job(engine, cf, false)
+    }
+
+    fn start_job(&self, engine: &Arc<Engine>, cf: &Arc<CacheFile>, ahead: bool) -> PrefetchTicket {
         let mut jobs = self.jobs.lock();
         if let Some(job) = jobs.get(&cf.key) {
             job.opens.fetch_add(1, SeqCst);
+            if !ahead {
+                job.ahead.store(false, SeqCst);
+            }
             return PrefetchTicket(job.clone());
         }
         let job = Arc::new(Job {
@@ -68,6 +85,8 @@ impl Prefetcher {
             hint: AtomicU64::new(NO_HINT),
             wake: Notify::new(),
             follow: follow::Follow::default(),
+            ahead: AtomicBool::new(ahead),
+            next: Mutex::new(None),
         });
         jobs.insert(cf.key, job.clone());
         tokio::spawn(run(
@@ -138,6 +157,7 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
     // (and whether a reader's miss asked for them).
     let retry: Arc<Mutex<Vec<(u64, bool)>>> = Arc::default();
     let in_flight = Arc::new(AtomicUsize::new(0));
+    let mut complete = false;
     {
         let (engine, cf, job) = (engine.clone(), cf.clone(), job.clone());
         tokio::spawn(async move {
@@ -201,6 +221,7 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
             // A last fetch may have found no room after `retry` was taken
             // above: it pushes before it leaves `in_flight`.
             if in_flight.load(SeqCst) == 0 && retry.lock().is_empty() {
+                complete = true;
                 break;
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), job.wake.notified()).await;
@@ -244,8 +265,97 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
             job.wake.notify_one();
         });
     }
-    let mut jobs = engine.prefetcher().jobs.lock();
-    if jobs.get(&cf.key).is_some_and(|j| Arc::ptr_eq(j, &job)) {
-        jobs.remove(&cf.key);
+    {
+        let mut jobs = engine.prefetcher().jobs.lock();
+        if jobs.get(&cf.key).is_some_and(|j| Arc::ptr_eq(j, &job)) {
+            jobs.remove(&cf.key);
+        }
+    }
+    if complete && !job.ahead.load(SeqCst) {
+        prefetch_next_shard(&engine, &cf.file, &job).await;
+    }
+}
+
+/// Starts prefetching the shard after `file`, held by `job` (the file's,
+/// which lives as long as the file is open).
+async fn prefetch_next_shard(engine: &Arc<Engine>, file: &FileVersion, job: &Job) {
+    let Some(path) = next_shard(&file.path) else {
+        return;
+    };
+    let Ok(meta) = engine.namespace().lookup(&path).await else {
+        return;
+    };
+    if meta.is_dir || job.opens.load(SeqCst) == 0 {
+        return;
+    }
+    let next = FileVersion {
+        path,
+        version: meta.version,
+        size: meta.size,
+    };
+    let cf = engine.store().file(&next);
+    let ticket = engine.prefetcher().start_job(engine, &cf, true);
+    *job.next.lock() = Some(ticket);
+}
+
+/// The shard after `path` in a model split as "NAME-00001-of-00004.EXT"
+/// (Hugging Face's safetensors and .bin shards, GGUF splits), with the same
+/// padding; `None` for the last shard or a file not named so.
+fn next_shard(path: &str) -> Option<String> {
+    let name_at = path.rfind('/').map_or(0, |i| i + 1);
+    let dot = path[name_at..]
+        .rfind('.')
+        .map_or(path.len(), |i| name_at + i);
+    let (stem, ext) = path.split_at(dot);
+    let (head, total) = stem.rsplit_once("-of-")?;
+    let (prefix, k) = head.rsplit_once('-')?;
+    // Digits hold no '/': what matched lies in the file's own name.
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(k) || !digits(total) {
+        return None;
+    }
+    let (k_n, total_n): (u64, u64) = (k.parse().ok()?, total.parse().ok()?);
+    (k_n < total_n).then(|| format!("{prefix}-{:0w$}-of-{total}{ext}", k_n + 1, w = k.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_shard;
+
+    #[test]
+    fn the_next_shard_is_named_like_this_one() {
+        for (path, next) in [
+            (
+                "model-00001-of-00004.safetensors",
+                Some("model-00002-of-00004.safetensors"),
+            ),
+            (
+                "m/Qwen-7B/model-00009-of-00010.safetensors",
+                Some("m/Qwen-7B/model-00010-of-00010.safetensors"),
+            ),
+            (
+                "pytorch_model-1-of-12.bin",
+                Some("pytorch_model-2-of-12.bin"),
+            ),
+            (
+                "llama-00001-of-00003.gguf",
+                Some("llama-00002-of-00003.gguf"),
+            ),
+            ("a-b-00099-of-00120", Some("a-b-00100-of-00120")),
+            ("model-00004-of-00004.safetensors", None),
+            ("model.safetensors", None),
+            ("model-of-00004.safetensors", None),
+            ("model--of-00004.safetensors", None),
+            ("model-x1-of-00004.safetensors", None),
+            ("model-00001-of-.safetensors", None),
+            ("run-1-of-2/model.safetensors", None),
+            (
+                "model-99999999999999999999999-of-99999999999999999999999.bin",
+                None,
+            ),
+            ("", None),
+        ] {
+            assert_eq!(next_shard(path).as_deref(), next, "{path}");
+        }
     }
 }

@@ -1,0 +1,97 @@
+//! Prefetch that reaches the next shard of a model while a loader reads the
+//! one before, as loaders read shards one after another.
+mod common;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use common::*;
+
+const MIB: usize = 1 << 20;
+
+/// Reads `range` of the mounted file; checks it against `want`.
+fn read_exactly(f: &File, want: &[u8], range: std::ops::Range<usize>) {
+    let mut buf = vec![0u8; range.len()];
+    f.read_exact_at(&mut buf, range.start as u64).unwrap();
+    assert!(buf == want[range.clone()], "bytes {range:?} differ");
+}
+
+fn shard(k: usize) -> String {
+    format!("model-{k:05}-of-00003.safetensors")
+}
+
+/// Loaders read a sharded model one shard after another: while one is open
+/// and all cached, the next is prefetched (one ahead, no further), so it is
+/// all in the cache when it is opened, and no byte comes twice.
+#[test]
+fn the_next_shard_is_prefetched_while_the_one_before_is_open() {
+    let w = Work::new();
+    let want: Vec<Vec<u8>> = (1..=3)
+        .map(|k| write_file(&w.src().join(shard(k)), 16 * MIB, 500 + k as u64))
+        .collect();
+    let m = w.mount(&["--chunk-size", "1MiB"]);
+    let origin = |bytes: usize| {
+        wait_until(
+            &format!("{bytes} bytes from the origin"),
+            Duration::from_secs(30),
+            || m.stat_u64("bytes_from_source") == bytes as u64,
+        )
+    };
+    let first = File::open(m.path(&shard(1))).unwrap();
+    read_exactly(&first, &want[0], 0..16 * MIB);
+    origin(32 * MIB);
+    // One ahead: the third is left for when the second is open.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(m.stat_u64("bytes_from_source"), 32 * MIB as u64);
+    let (hits, passthrough) = (
+        m.stat_u64("bytes_from_cache"),
+        m.stat_u64("passthrough_opens"),
+    );
+    let second = File::open(m.path(&shard(2))).unwrap();
+    drop(first);
+    read_exactly(&second, &want[1], 0..16 * MIB);
+    // All cached at its open: the kernel reads the cache file itself
+    // (passthrough), or the daemon answers from the cache.
+    assert!(
+        m.stat_u64("passthrough_opens") == passthrough + 1
+            || m.stat_u64("bytes_from_cache") - hits == 16 * MIB as u64,
+        "the second shard came from the cache: {}",
+        m.stats()
+    );
+    origin(48 * MIB);
+    drop(second);
+    let third = File::open(m.path(&shard(3))).unwrap();
+    read_exactly(&third, &want[2], 0..16 * MIB);
+    assert_eq!(m.stat_u64("bytes_from_source"), 48 * MIB as u64);
+}
+
+/// The same load through a cache that holds a shard and a half: what is
+/// prefetched ahead never pushes out what a reader has not read, and the
+/// origin sends each byte once more at most for a chunk a reader evicted.
+#[test]
+fn shards_prefetched_ahead_through_a_small_cache_cost_no_storm() {
+    let w = Work::new();
+    let want: Vec<Vec<u8>> = (1..=3)
+        .map(|k| write_file(&w.src().join(shard(k)), 16 * MIB, 600 + k as u64))
+        .collect();
+    let m = w.mount(&["--chunk-size", "1MiB", "--cache-size", "24MiB"]);
+    for (k, want) in want.iter().enumerate() {
+        let f = File::open(m.path(&shard(k + 1))).unwrap();
+        for at in (0..16 * MIB).step_by(MIB) {
+            read_exactly(&f, want, at..at + MIB);
+            // A reader that pauses now and then.
+            if at % (4 * MIB) == 0 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let s = m.stats();
+    let stat = |k: &str| s[k].as_u64().unwrap();
+    assert!(stat("cache_bytes_used") <= 24 * MIB as u64, "{s}");
+    assert!(
+        stat("bytes_from_source") <= (48 + stat("chunks_evicted")) * MIB as u64,
+        "{s}"
+    );
+    assert_eq!(stat("read_errors"), 0, "{s}");
+}
