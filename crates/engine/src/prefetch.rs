@@ -11,7 +11,10 @@
 //! Once a file open for reading is all in the cache, the next shard of its
 //! model ("-00002-of-00004") is prefetched while it stays open: loaders
 //! (vLLM's, safetensors' own) read shards one after another, and the next
-//! one is then mostly cached when it is opened. One shard ahead, no more.
+//! one is then mostly cached when it is opened. One shard ahead, no more;
+//! with permits only other jobs leave idle, in half the window at most, and
+//! what it fetched for a reader that never came stops counting against the
+//! window when the shard before is closed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
@@ -33,15 +36,28 @@ const NO_HINT: u64 = u64::MAX;
 const LOOKAHEAD: u64 = 4;
 
 struct Job {
+    /// Tickets held: open handles, and the shard before's (see `aheads`).
     opens: AtomicUsize,
+    /// Of `opens`, held by the shard before (this file is prefetched ahead).
+    aheads: AtomicUsize,
+    /// A handle opened it at some point: what it prefetched is a reader's.
+    opened: AtomicBool,
+    /// The file is no longer the version prefetched (or gone): stop.
+    stale: AtomicBool,
     hint: AtomicU64,
     wake: Notify,
     follow: follow::Follow,
-    /// Started for the shard after an open one, and not opened itself
-    /// since: it reaches no further ahead.
-    ahead: AtomicBool,
     /// The next shard's prefetch, for as long as this file is open.
-    next: Mutex<Option<PrefetchTicket>>,
+    next: Mutex<Option<AheadTicket>>,
+}
+
+impl Job {
+    /// Handles that hold the file open now.
+    fn readers(&self) -> usize {
+        self.opens
+            .load(SeqCst)
+            .saturating_sub(self.aheads.load(SeqCst))
+    }
 }
 
 pub struct Prefetcher {
@@ -59,6 +75,27 @@ impl Drop for PrefetchTicket {
     }
 }
 
+/// The next shard's prefetch, held by the shard before while it is open.
+/// When it goes and nobody ever opened the next shard, what was prefetched
+/// of it stays cached but leaves the window, so a load that stopped early
+/// does not hold back every other file's prefetch.
+struct AheadTicket {
+    job: Arc<Job>,
+    engine: Arc<Engine>,
+    cf: Arc<CacheFile>,
+}
+
+impl Drop for AheadTicket {
+    fn drop(&mut self) {
+        self.job.aheads.fetch_sub(1, SeqCst);
+        self.job.opens.fetch_sub(1, SeqCst);
+        if !self.job.opened.load(SeqCst) {
+            self.engine.store().forget_unread(&self.cf);
+        }
+        self.job.wake.notify_one();
+    }
+}
+
 impl Prefetcher {
     pub fn new(concurrency: usize) -> Self {
         Prefetcher {
@@ -68,24 +105,37 @@ impl Prefetcher {
     }
 
     pub fn start(&self, engine: &Arc<Engine>, cf: &Arc<CacheFile>) -> PrefetchTicket {
-        self.start_job(engine, cf, false)
+        PrefetchTicket(self.job(engine, cf, false))
     }
 
-    fn start_job(&self, engine: &Arc<Engine>, cf: &Arc<CacheFile>, ahead: bool) -> PrefetchTicket {
+    fn start_ahead(&self, engine: &Arc<Engine>, cf: &Arc<CacheFile>) -> AheadTicket {
+        AheadTicket {
+            job: self.job(engine, cf, true),
+            engine: engine.clone(),
+            cf: cf.clone(),
+        }
+    }
+
+    /// The file's job, started if it has none, with one more ticket.
+    fn job(&self, engine: &Arc<Engine>, cf: &Arc<CacheFile>, ahead: bool) -> Arc<Job> {
         let mut jobs = self.jobs.lock();
         if let Some(job) = jobs.get(&cf.key) {
             job.opens.fetch_add(1, SeqCst);
-            if !ahead {
-                job.ahead.store(false, SeqCst);
+            if ahead {
+                job.aheads.fetch_add(1, SeqCst);
+            } else {
+                job.opened.store(true, SeqCst);
             }
-            return PrefetchTicket(job.clone());
+            return job.clone();
         }
         let job = Arc::new(Job {
             opens: AtomicUsize::new(1),
+            aheads: AtomicUsize::new(usize::from(ahead)),
+            opened: AtomicBool::new(!ahead),
+            stale: AtomicBool::new(false),
             hint: AtomicU64::new(NO_HINT),
             wake: Notify::new(),
             follow: follow::Follow::default(),
-            ahead: AtomicBool::new(ahead),
             next: Mutex::new(None),
         });
         jobs.insert(cf.key, job.clone());
@@ -95,7 +145,7 @@ impl Prefetcher {
             job.clone(),
             self.permits.clone(),
         ));
-        PrefetchTicket(job)
+        job
     }
 
     /// A reader missed chunk `i` reading byte `offset`: prefetch the rest of
@@ -165,7 +215,7 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
             job.follow.learn(&engine, &cf, open).await
         });
     }
-    while job.opens.load(SeqCst) > 0 {
+    while job.opens.load(SeqCst) > 0 && !job.stale.load(SeqCst) {
         let again = std::mem::take(&mut *retry.lock());
         if !again.is_empty() {
             for &(i, _) in &again {
@@ -234,8 +284,36 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
             dispatched[i as usize] = true;
             continue;
         }
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
+        // Ahead of any reader: only with a permit no other job waits for,
+        // and in half the window, so files being read come first.
+        let ahead = job.readers() == 0;
+        if ahead {
+            // Fetches in flight are counted once more when they have
+            // reserved their room: the share is kept, never exceeded.
+            let (unread, window) = engine.store().window_use();
+            let flying = in_flight.load(SeqCst) as u64 * cf.chunk_size;
+            if unread + flying + cf.chunk_len(i) > window / 2 {
+                tokio::select! {
+                    _ = store.room_changed(Duration::from_secs(1)) => {}
+                    _ = job.wake.notified() => {}
+                }
+                continue;
+            }
+        }
+        let permit = if ahead {
+            match permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(50), job.wake.notified()).await;
+                    continue;
+                }
+            }
+        } else {
+            let Ok(p) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            p
         };
         if swept {
             // While this waited for a permit, readers may have asked for
@@ -257,6 +335,11 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
                 }
                 // Nothing was fetched: try again when there is room.
                 Ok(Got::NoRoom(_)) => retry.lock().push((i, job.follow.wanted(i))),
+                // The file changed or went: readers learn it at their next
+                // open; nothing more of this version is worth fetching.
+                Err(crate::Error::VersionChanged { .. } | crate::Error::NotFound(_)) => {
+                    job.stale.store(true, SeqCst)
+                }
                 // Readers that need this chunk will get the error themselves.
                 Err(_) => {}
             }
@@ -271,8 +354,20 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
             jobs.remove(&cf.key);
         }
     }
-    if complete && !job.ahead.load(SeqCst) {
+    if complete && job.readers() > 0 && store.first_missing(&cf, 0).is_none() {
         prefetch_next_shard(&engine, &cf.file, &job).await;
+    } else if !job.opened.load(SeqCst) && job.opens.load(SeqCst) == 0 {
+        // Prefetched ahead for a reader that never came: once its last
+        // fetches have landed, none of them holds the window.
+        for _ in 0..1200 {
+            if in_flight.load(SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !job.opened.load(SeqCst) {
+            store.forget_unread(&cf);
+        }
     }
 }
 
@@ -282,10 +377,12 @@ async fn prefetch_next_shard(engine: &Arc<Engine>, file: &FileVersion, job: &Job
     let Some(path) = next_shard(&file.path) else {
         return;
     };
-    let Ok(meta) = engine.namespace().lookup(&path).await else {
+    // Fresh, as an open would see it: a listing up to --listing-ttl old
+    // may name a version that was replaced since.
+    let Ok(meta) = engine.namespace().revalidate(&path).await else {
         return;
     };
-    if meta.is_dir || job.opens.load(SeqCst) == 0 {
+    if meta.is_dir || job.readers() == 0 {
         return;
     }
     let next = FileVersion {
@@ -294,7 +391,7 @@ async fn prefetch_next_shard(engine: &Arc<Engine>, file: &FileVersion, job: &Job
         size: meta.size,
     };
     let cf = engine.store().file(&next);
-    let ticket = engine.prefetcher().start_job(engine, &cf, true);
+    let ticket = engine.prefetcher().start_ahead(engine, &cf);
     *job.next.lock() = Some(ticket);
 }
 

@@ -95,3 +95,61 @@ fn shards_prefetched_ahead_through_a_small_cache_cost_no_storm() {
     );
     assert_eq!(stat("read_errors"), 0, "{s}");
 }
+
+/// Prefetch ahead of any reader takes half the window at most, and when
+/// the shard before is closed with the next never opened (a load that
+/// stopped early), what it fetched leaves the window: other files'
+/// prefetch is not held back by chunks nobody will read.
+#[test]
+fn a_next_shard_nobody_opens_takes_half_the_window_then_none_of_it() {
+    let w = Work::new();
+    let want: Vec<Vec<u8>> = (1..=3)
+        .map(|k| write_file(&w.src().join(shard(k)), 16 * MIB, 700 + k as u64))
+        .collect();
+    let m = w.mount(&["--chunk-size", "1MiB", "--prefetch-window", "16MiB"]);
+    let first = File::open(m.path(&shard(1))).unwrap();
+    read_exactly(&first, &want[0], 0..16 * MIB);
+    wait_until("half the window ahead", Duration::from_secs(30), || {
+        m.stat_u64("bytes_from_source") == 24 * MIB as u64
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let s = m.stats();
+    assert_eq!(s["bytes_from_source"], 24 * MIB as u64, "{s}");
+    assert_eq!(s["prefetch_bytes_unread"], 8 * MIB as u64, "{s}");
+    drop(first);
+    wait_until("the window to be free", Duration::from_secs(10), || {
+        m.stat_u64("prefetch_bytes_unread") == 0
+    });
+    // Still cached: opening the second shard fetches only its other half.
+    let second = File::open(m.path(&shard(2))).unwrap();
+    read_exactly(&second, &want[1], 0..16 * MIB);
+    assert_eq!(m.stat_u64("bytes_from_source"), 32 * MIB as u64);
+}
+
+/// The next shard is prefetched in the version an open would see now, not
+/// the one a listing cached before it was replaced.
+#[test]
+fn a_next_shard_replaced_after_its_listing_is_prefetched_as_it_is_now() {
+    let w = Work::new();
+    let first = write_file(&w.src().join(shard(1)), 8 * MIB, 801);
+    write_file(&w.src().join(shard(2)), 8 * MIB, 802);
+    let m = w.mount(&["--chunk-size", "1MiB"]);
+    // The listing now holds the second shard's first version.
+    assert_eq!(std::fs::read_dir(&m.mp).unwrap().count(), 2);
+    std::thread::sleep(Duration::from_millis(20));
+    let second = write_file(&w.src().join(shard(2)), 8 * MIB, 803);
+    let f = File::open(m.path(&shard(1))).unwrap();
+    read_exactly(&f, &first, 0..8 * MIB);
+    wait_until("the second shard ahead", Duration::from_secs(30), || {
+        m.stat_u64("bytes_from_source") == 16 * MIB as u64
+    });
+    assert_eq!(m.stat_u64("version_changes"), 0, "{}", m.stats());
+    let g = File::open(m.path(&shard(2))).unwrap();
+    read_exactly(&g, &second, 0..8 * MIB);
+    assert_eq!(
+        m.stat_u64("bytes_from_source"),
+        16 * MIB as u64,
+        "{}",
+        m.stats()
+    );
+}

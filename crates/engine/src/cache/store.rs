@@ -542,6 +542,34 @@ impl ChunkStore {
         self.room.notify_waiters();
     }
 
+    /// Counts every present chunk of `cf` as read: prefetched for a reader
+    /// that never came, they stay cached but leave the prefetch window.
+    pub fn forget_unread(&self, cf: &CacheFile) {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        let Some(e) = inner.files.get_mut(&cf.key) else {
+            return;
+        };
+        let mut freed = 0;
+        for (i, s) in e.slots.iter_mut().enumerate() {
+            if s.state == State::Present && !s.read {
+                s.read = true;
+                freed += cf.chunk_len(i as u64);
+            }
+        }
+        inner.unread -= freed;
+        drop(g);
+        if freed > 0 {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Bytes prefetched and not read yet, and the most there may be.
+    pub fn window_use(&self) -> (u64, u64) {
+        let inner = self.inner.lock();
+        (inner.unread, self.window(&inner))
+    }
+
     /// Bytes `range` (relative to the chunk) of chunk `i`, if cached. A chunk
     /// restored from an earlier run is checked against its crc on first use.
     pub fn read(&self, cf: &CacheFile, i: u64, range: Range<u64>) -> Option<Bytes> {
