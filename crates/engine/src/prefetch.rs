@@ -14,7 +14,7 @@
 //! one is then mostly cached when it is opened. One shard ahead, no more;
 //! with permits only other jobs leave idle, in half the window at most, and
 //! what it fetched for a reader that never came stops counting against the
-//! window when the shard before is closed.
+//! window a while after the shard before is closed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
@@ -40,8 +40,6 @@ struct Job {
     opens: AtomicUsize,
     /// Of `opens`, held by the shard before (this file is prefetched ahead).
     aheads: AtomicUsize,
-    /// A handle opened it at some point: what it prefetched is a reader's.
-    opened: AtomicBool,
     /// The file is no longer the version prefetched (or gone): stop.
     stale: AtomicBool,
     hint: AtomicU64,
@@ -60,20 +58,44 @@ impl Job {
     }
 }
 
+#[derive(Default)]
+struct Jobs {
+    running: HashMap<u128, Arc<Job>>,
+    /// Handles open on each file, whichever of its jobs they joined.
+    readers: HashMap<u128, usize>,
+}
+
 pub struct Prefetcher {
     permits: Arc<Semaphore>,
-    jobs: Mutex<HashMap<u128, Arc<Job>>>,
+    jobs: Arc<Mutex<Jobs>>,
 }
 
 /// Held by each open handle; prefetch of a file stops when the last one goes.
-pub struct PrefetchTicket(Arc<Job>);
+pub struct PrefetchTicket {
+    job: Arc<Job>,
+    key: u128,
+    jobs: Arc<Mutex<Jobs>>,
+}
 
 impl Drop for PrefetchTicket {
     fn drop(&mut self) {
-        self.0.opens.fetch_sub(1, SeqCst);
-        self.0.wake.notify_one();
+        self.job.opens.fetch_sub(1, SeqCst);
+        let mut jobs = self.jobs.lock();
+        if let Some(n) = jobs.readers.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                jobs.readers.remove(&self.key);
+            }
+        }
+        drop(jobs);
+        self.job.wake.notify_one();
     }
 }
+
+/// How long after the shard before is closed the next one, if nobody opened
+/// it by then, stops holding the window: a loader closes one shard before
+/// it opens the next.
+const AHEAD_GRACE: Duration = Duration::from_secs(5);
 
 /// The next shard's prefetch, held by the shard before while it is open.
 /// When it goes and nobody ever opened the next shard, what was prefetched
@@ -81,18 +103,36 @@ impl Drop for PrefetchTicket {
 /// does not hold back every other file's prefetch.
 struct AheadTicket {
     job: Arc<Job>,
-    engine: Arc<Engine>,
+    engine: std::sync::Weak<Engine>,
     cf: Arc<CacheFile>,
+    /// Dropped where a handle closes (a FUSE thread): the later check runs
+    /// on the runtime that started it.
+    rt: tokio::runtime::Handle,
 }
 
 impl Drop for AheadTicket {
     fn drop(&mut self) {
-        self.job.aheads.fetch_sub(1, SeqCst);
+        // `opens` first: `Job::readers` never counts this one as a reader.
         self.job.opens.fetch_sub(1, SeqCst);
-        if !self.job.opened.load(SeqCst) {
-            self.engine.store().forget_unread(&self.cf);
-        }
+        self.job.aheads.fetch_sub(1, SeqCst);
         self.job.wake.notify_one();
+        let (engine, cf) = (self.engine.clone(), self.cf.clone());
+        self.rt.spawn(async move {
+            tokio::time::sleep(AHEAD_GRACE).await;
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            // Under the jobs lock, so no handle opens the file meanwhile.
+            let jobs = engine.prefetcher().jobs.lock();
+            let held = jobs.readers.contains_key(&cf.key)
+                || jobs
+                    .running
+                    .get(&cf.key)
+                    .is_some_and(|j| j.aheads.load(SeqCst) > 0);
+            if !held {
+                engine.store().forget_unread(&cf);
+            }
+        });
     }
 }
 
@@ -100,45 +140,52 @@ impl Prefetcher {
     pub fn new(concurrency: usize) -> Self {
         Prefetcher {
             permits: Arc::new(Semaphore::new(concurrency)),
-            jobs: Mutex::default(),
+            jobs: Arc::default(),
         }
     }
 
     pub fn start(&self, engine: &Arc<Engine>, cf: &Arc<CacheFile>) -> PrefetchTicket {
-        PrefetchTicket(self.job(engine, cf, false))
+        PrefetchTicket {
+            job: self.job(engine, cf, false),
+            key: cf.key,
+            jobs: self.jobs.clone(),
+        }
     }
 
+    /// Called on the runtime (the job's task).
     fn start_ahead(&self, engine: &Arc<Engine>, cf: &Arc<CacheFile>) -> AheadTicket {
         AheadTicket {
             job: self.job(engine, cf, true),
-            engine: engine.clone(),
+            engine: Arc::downgrade(engine),
             cf: cf.clone(),
+            rt: tokio::runtime::Handle::current(),
         }
     }
 
     /// The file's job, started if it has none, with one more ticket.
     fn job(&self, engine: &Arc<Engine>, cf: &Arc<CacheFile>, ahead: bool) -> Arc<Job> {
         let mut jobs = self.jobs.lock();
-        if let Some(job) = jobs.get(&cf.key) {
-            job.opens.fetch_add(1, SeqCst);
+        if !ahead {
+            *jobs.readers.entry(cf.key).or_default() += 1;
+        }
+        if let Some(job) = jobs.running.get(&cf.key) {
+            // `aheads` first: `Job::readers` never counts this one as a reader.
             if ahead {
                 job.aheads.fetch_add(1, SeqCst);
-            } else {
-                job.opened.store(true, SeqCst);
             }
+            job.opens.fetch_add(1, SeqCst);
             return job.clone();
         }
         let job = Arc::new(Job {
             opens: AtomicUsize::new(1),
             aheads: AtomicUsize::new(usize::from(ahead)),
-            opened: AtomicBool::new(!ahead),
             stale: AtomicBool::new(false),
             hint: AtomicU64::new(NO_HINT),
             wake: Notify::new(),
             follow: follow::Follow::default(),
             next: Mutex::new(None),
         });
-        jobs.insert(cf.key, job.clone());
+        jobs.running.insert(cf.key, job.clone());
         tokio::spawn(run(
             engine.clone(),
             cf.clone(),
@@ -151,7 +198,7 @@ impl Prefetcher {
     /// A reader missed chunk `i` reading byte `offset`: prefetch the rest of
     /// its tensor, then on from there.
     pub fn miss(&self, key: u128, i: u64, offset: u64, chunk_size: u64) {
-        let Some(job) = self.jobs.lock().get(&key).cloned() else {
+        let Some(job) = self.jobs.lock().running.get(&key).cloned() else {
             return;
         };
         job.hint
@@ -350,24 +397,16 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
     }
     {
         let mut jobs = engine.prefetcher().jobs.lock();
-        if jobs.get(&cf.key).is_some_and(|j| Arc::ptr_eq(j, &job)) {
-            jobs.remove(&cf.key);
+        if jobs
+            .running
+            .get(&cf.key)
+            .is_some_and(|j| Arc::ptr_eq(j, &job))
+        {
+            jobs.running.remove(&cf.key);
         }
     }
     if complete && job.readers() > 0 && store.first_missing(&cf, 0).is_none() {
         prefetch_next_shard(&engine, &cf.file, &job).await;
-    } else if !job.opened.load(SeqCst) && job.opens.load(SeqCst) == 0 {
-        // Prefetched ahead for a reader that never came: once its last
-        // fetches have landed, none of them holds the window.
-        for _ in 0..1200 {
-            if in_flight.load(SeqCst) == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if !job.opened.load(SeqCst) {
-            store.forget_unread(&cf);
-        }
     }
 }
 

@@ -602,13 +602,7 @@ fn a_full_cache_filesystem_serves_uncached_instead_of_eio() {
     );
     // Something else fills the filesystem after the mount: about 8 MiB
     // stay free for a 48 MiB cache.
-    let filler = fs.available() as usize - 8 * MIB;
-    let mut f = std::fs::File::create(fs.path().join("filler")).unwrap();
-    let zeros = vec![0u8; MIB];
-    for _ in 0..filler / MIB {
-        std::io::Write::write_all(&mut f, &zeros).unwrap();
-    }
-    drop(f);
+    fs.fill_leaving(8 * MIB);
     for n in names {
         match std::fs::read(m.path(n)) {
             Ok(got) => {
@@ -663,13 +657,7 @@ fn a_cache_filesystem_that_fills_mid_chunk_under_an_object_store_serves_every_by
         &g.env,
     );
     // 10 MiB stay free: two chunks fit, the third fills it half way.
-    let filler = fs.available() as usize - 10 * MIB;
-    let mut f = std::fs::File::create(fs.path().join("filler")).unwrap();
-    let zeros = vec![0u8; MIB];
-    for _ in 0..filler / MIB {
-        std::io::Write::write_all(&mut f, &zeros).unwrap();
-    }
-    drop(f);
+    fs.fill_leaving(10 * MIB);
     for n in names {
         let got = std::fs::read(m.path(n)).unwrap_or_else(|e| panic!("{n}: {e}; {}", m.stats()));
         let want = std::fs::read(w.src().join(n)).unwrap();

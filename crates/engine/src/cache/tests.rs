@@ -511,6 +511,15 @@ fn a_chunk_discarded_while_mapped_keeps_the_mapped_bytes_and_its_new_copy_unpins
     assert!(!s.contains(&f, 0));
 }
 
+/// The one data file in cache dir `dir`.
+fn data_file(dir: &Path) -> std::path::PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "data"))
+        .unwrap()
+}
+
 /// Streams chunk `i` of `f` into the store in pieces of `sizes` (the rest
 /// in one last piece).
 fn stream(s: &Arc<ChunkStore>, f: &CacheFile, i: u64, sizes: &[usize]) -> std::io::Result<Bytes> {
@@ -576,14 +585,7 @@ fn a_stream_cut_short_leaves_no_bytes_and_gives_its_room_back() {
     let s = store(d.path(), 4 * CS);
     let f = s.file(&fv("a", 4 * CS));
     assert_eq!(put(&s, &f, 0, Mode::Read), Some(true));
-    let blocks = || {
-        let data = std::fs::read_dir(d.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.extension().is_some_and(|x| x == "data"))
-            .unwrap();
-        std::fs::metadata(data).unwrap().blocks()
-    };
+    let blocks = || std::fs::metadata(data_file(d.path())).unwrap().blocks();
     let before = blocks();
     // The source fails half way: the writer and the room are dropped.
     let Reserve::Room(r) = s.reserve(&f, 1, Mode::Read) else {
@@ -678,14 +680,9 @@ fn pieces_written_before_the_filesystem_filled_are_taken_back_into_memory() {
     assert_eq!(s.stats.cache_write_errors.load(Relaxed), 1);
     assert_eq!(s.usage(), (0, 0), "its room is given back");
     std::fs::remove_file(fs.0.path().join("filler")).unwrap();
-    let data = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "data"))
-        .unwrap();
     use std::os::unix::fs::MetadataExt;
     assert_eq!(
-        std::fs::metadata(data).unwrap().blocks(),
+        std::fs::metadata(data_file(&dir)).unwrap().blocks(),
         0,
         "nothing left in the file"
     );
@@ -698,11 +695,7 @@ fn a_chunk_half_written_when_the_daemon_died_is_freed_on_restart() {
     let s = store(d.path(), 4 * CS);
     let f = s.file(&fv("a", 4 * CS));
     assert_eq!(put(&s, &f, 0, Mode::Read), Some(true));
-    let data = std::fs::read_dir(d.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "data"))
-        .unwrap();
+    let data = data_file(d.path());
     drop(f);
     drop(s);
     // What a writer had put of chunk 2 when the daemon was killed: bytes

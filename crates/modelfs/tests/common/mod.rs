@@ -381,6 +381,16 @@ impl Tmpfs {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+    /// Fills the filesystem with a file of its own until `free` bytes are
+    /// left (give or take a MiB): someone else taking the space.
+    pub fn fill_leaving(&self, free: usize) {
+        let filler = self.available() as usize - free;
+        let mut f = std::fs::File::create(self.path().join("filler")).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..filler >> 20 {
+            std::io::Write::write_all(&mut f, &zeros).unwrap();
+        }
+    }
     /// Bytes the filesystem can still give.
     pub fn available(&self) -> u64 {
         let s = nix::sys::statvfs::statvfs(self.path()).unwrap();
