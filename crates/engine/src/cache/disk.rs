@@ -75,17 +75,19 @@ impl Files {
 
     /// `len` bytes at `offset` as a read-only mapping: a cache hit is then
     /// copied once, into the FUSE reply, instead of into a buffer first.
-    pub fn map(&self, offset: u64, len: u64) -> io::Result<memmap2::Mmap> {
+    /// `populate` reads the pages in at once, for a reply sent now; without
+    /// it a page costs nothing until touched (a chunk just fetched, which
+    /// prefetch's flight maps for waiters it may not have).
+    pub fn map(&self, offset: u64, len: u64, populate: bool) -> io::Result<memmap2::Mmap> {
+        let mut opts = memmap2::MmapOptions::new();
+        opts.offset(offset).len(len as usize);
+        if populate {
+            opts.populate();
+        }
         // SAFETY: the caller keeps the chunk pinned while the mapping lives,
         // and a pinned chunk is never punched or rewritten; a data file is
         // never truncated (a retired one is unlinked and keeps its pages).
-        unsafe {
-            memmap2::MmapOptions::new()
-                .offset(offset)
-                .len(len as usize)
-                .populate()
-                .map(&self.data)
-        }
+        unsafe { opts.map(&self.data) }
     }
 
     /// Writes a chunk, then its index entry, so the index never claims bytes
@@ -118,19 +120,6 @@ impl Files {
     pub fn unwrite(&self, i: u64, range: Range<u64>) -> io::Result<()> {
         let _ = self.index.set(i, None);
         self.punch(range)
-    }
-
-    /// As [`Self::map`] without reading the pages in first: a chunk just
-    /// fetched is mapped for its waiters, and prefetch's has none, so it
-    /// then costs no page walk.
-    pub fn map_lazily(&self, offset: u64, len: u64) -> io::Result<memmap2::Mmap> {
-        // SAFETY: as in `map`; the caller holds a pin on the chunk.
-        unsafe {
-            memmap2::MmapOptions::new()
-                .offset(offset)
-                .len(len as usize)
-                .map(&self.data)
-        }
     }
 
     /// Forgets chunk `i` in the index, then frees its blocks.

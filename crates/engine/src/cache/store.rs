@@ -636,7 +636,7 @@ impl ChunkStore {
                 Some((
                     store,
                     files
-                        .map(base + range.start, range.end - range.start)
+                        .map(base + range.start, range.end - range.start, true)
                         .ok()?,
                 ))
             });
@@ -803,7 +803,7 @@ impl ChunkStore {
             self.write_failed_for(&mut inner, &r, &err);
             return false;
         }
-        self.committed(&mut inner, &mut r, crc, false).is_some()
+        self.committed(&mut inner, &mut r, crc, false)
     }
 
     /// Whether a fetched chunk may be written into the cache as it arrives
@@ -858,24 +858,25 @@ impl ChunkStore {
             self.write_failed_for(&mut self.inner.lock(), &r, &err);
             return bytes;
         }
-        let mut inner = self.inner.lock();
-        match self.committed(&mut inner, &mut r, crc, true) {
-            Some(Some(pin)) => {
-                drop(inner);
-                match files.map_lazily(range.start, len) {
-                    Ok(map) => Ok(Bytes::from_owner(Mapped { map, _pin: pin })),
-                    Err(_) => files.read(range.start, len),
-                }
-            }
+        let committed = self.committed(&mut self.inner.lock(), &mut r, crc, true);
+        if !committed {
             // Retired while it was written (a new version, a liar caught):
             // the file is unlinked and its bytes counted nowhere, so they
             // are copied out and freed.
-            _ => {
-                drop(inner);
-                let bytes = files.read(range.start, len);
-                let _ = files.unwrite(r.i, range);
-                bytes
-            }
+            let bytes = files.read(range.start, len);
+            let _ = files.unwrite(r.i, range);
+            return bytes;
+        }
+        // `committed` took this pin for the waiters.
+        let pin = ChunkPin {
+            store: self.clone(),
+            key: r.key,
+            gen: r.gen,
+            i: r.i,
+        };
+        match files.map(range.start, len, false) {
+            Ok(map) => Ok(Bytes::from_owner(Mapped { map, _pin: pin })),
+            Err(_) => files.read(range.start, len),
         }
     }
 
@@ -918,21 +919,21 @@ impl ChunkStore {
         self.write_failed(inner, &path, err, r.len);
     }
 
-    /// Marks reserved chunk `r`, now written and indexed, present: `None`
-    /// if its file was retired meanwhile, else a pin on it if asked for.
-    fn committed(
-        &self,
-        inner: &mut Inner,
-        r: &mut Reservation,
-        crc: u32,
-        pin: bool,
-    ) -> Option<Option<ChunkPin>> {
-        let tick = {
-            let e = inner.files.get(&r.key).filter(|e| e.gen == r.gen)?;
-            e.slots.get(r.i as usize)?;
-            inner.lru.touch((r.key, r.i), None)
+    /// Marks reserved chunk `r`, now written and indexed, present, with one
+    /// pin if `pin` (for a [`ChunkPin`] the caller makes); `false` if its
+    /// file was retired meanwhile.
+    fn committed(&self, inner: &mut Inner, r: &mut Reservation, crc: u32, pin: bool) -> bool {
+        let live = inner
+            .files
+            .get(&r.key)
+            .is_some_and(|e| e.gen == r.gen && (r.i as usize) < e.slots.len());
+        if !live {
+            return false;
+        }
+        let tick = inner.lru.touch((r.key, r.i), None);
+        let Some(e) = inner.files.get_mut(&r.key) else {
+            return false;
         };
-        let e = inner.files.get_mut(&r.key)?;
         e.present_bytes += r.len;
         e.slots[r.i as usize] = Slot {
             state: State::Present,
@@ -949,12 +950,7 @@ impl ChunkStore {
         inner.cached += 1;
         r.done = true;
         add(&self.stats.chunks_inserted, 1);
-        Some(pin.then(|| ChunkPin {
-            store: Arc::clone(&r.store),
-            key: r.key,
-            gen: r.gen,
-            i: r.i,
-        }))
+        true
     }
 
     /// A write to the cache failed: the chunk is served uncached, and when
