@@ -4,7 +4,6 @@
 //! Every node listens on its own loopback address (127.0.0.N).
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -45,27 +44,13 @@ fn a_node_whose_peer_list_names_itself_twice_reads_at_once() {
     eprintln!("64 MiB through a node that names itself twice: {took:?}");
 }
 
-/// A peer that accepts connections and never answers (a stopped or wedged
-/// process: the kernel still accepts for it). Its sockets stay open for the
-/// life of the test process.
-fn hung_peer(ip: &str) -> String {
-    let l = TcpListener::bind(format!("{ip}:0")).unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        let mut held = vec![];
-        for s in l.incoming().take(500) {
-            held.extend(s.ok());
-        }
-    });
-    addr
-}
-
 #[test]
 fn a_hung_owner_costs_a_read_at_most_the_documented_bound() {
     let w = Work::new();
     write_file(&w.src().join("model.bin"), 32 << 20, 11);
     let token = token_file(w.dir.path());
-    let hung = hung_peer("127.0.0.60");
+    let peer = hung::HungPeer::start("127.0.0.60:0");
+    let hung = peer.addr.clone();
     let me = format!("127.0.0.61:{}", free_port());
     let m = w.mount(&[
         "--listen",

@@ -4,7 +4,7 @@
 //! origin storms, a full cache filesystem, unsafe cache dirs).
 mod common;
 
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -684,6 +684,117 @@ fn a_cache_filesystem_that_fills_mid_chunk_under_an_object_store_serves_every_by
         "{} bytes from the origin for {total}: {s}",
         stat("bytes_from_source")
     );
+}
+
+/// The bytes the files under `dir` take on their filesystem.
+fn blocks_under(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .map(|e| e.unwrap())
+        .map(|e| {
+            let md = std::fs::symlink_metadata(e.path()).unwrap();
+            if md.is_dir() {
+                blocks_under(&e.path())
+            } else {
+                md.blocks() * 512
+            }
+        })
+        .sum()
+}
+
+/// A daemon killed while an object store's body streams into the cache
+/// file leaves part of a chunk written and not in the index, beside chunks
+/// that are: the next daemon keeps those and frees the partial chunk's
+/// blocks when it restores the cache, then fetches that chunk again, whole.
+#[test]
+fn a_daemon_killed_mid_stream_leaves_no_blocks_behind() {
+    const CHUNK: u64 = 4 * MIB as u64;
+    let g = garage();
+    let w = Work::new();
+    let want = write_file(&w.src().join("a.bin"), 24 * MIB, 193);
+    g.push(&w.src(), "s3://models/killed");
+    let proxy = Proxy::start(g.addr());
+    let endpoint = proxy.endpoint();
+    let fs = Tmpfs::new(64 * MIB);
+    let cache = fs.path().join("cache");
+    let args = [
+        "--endpoint",
+        &endpoint,
+        "--cache-size",
+        "48MiB",
+        "--chunk-size",
+        "4MiB",
+        "--prefetch-window",
+        "4MiB",
+        "--prefetch-concurrency",
+        "1",
+    ];
+    let m = Mount::new("s3://models/killed", &w.mnt(), &cache, &args, &g.env);
+    // The first chunk read, and what prefetch takes after it, get cached.
+    let f = std::fs::File::open(m.path("a.bin")).unwrap();
+    // No kernel readahead: this reader alone decides what is asked for.
+    // SAFETY: advisory call on an fd we own.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    read_checked(&f, &want, 0..CHUNK as usize);
+    let mut seen = (u64::MAX, u64::MAX);
+    wait_until("prefetch to settle", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = (m.stat_u64("chunks_cached"), m.stat_u64("bytes_from_source"));
+        std::mem::replace(&mut seen, now) == now
+    });
+    let cached = seen.0;
+    assert!(
+        cached >= 1 && (cached + 1) * CHUNK < want.len() as u64,
+        "{}",
+        m.stats()
+    );
+    drop(f);
+    // Then the origin sends 2 MiB more, in all, and stalls: the chunks
+    // asked for next are only partly written when the daemon dies.
+    proxy.cut_after(2 * MIB);
+    let reader = Kid(Command::new("cat")
+        .arg(m.path("a.bin"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap());
+    wait_until(
+        "part of a chunk in the cache file",
+        Duration::from_secs(30),
+        || blocks_under(&cache) >= cached * CHUNK + MIB as u64,
+    );
+    assert_eq!(m.stat_u64("chunks_cached"), cached, "{}", m.stats());
+    kill_daemon(&m);
+    drop(reader);
+    let left = blocks_under(&cache);
+    proxy.set(Fault::Pass);
+    let again = Mount::new("s3://models/killed", &w.mnt(), &cache, &args, &g.env);
+    assert_eq!(again.stat_u64("chunks_cached"), cached, "{}", again.stats());
+    let after = blocks_under(&cache);
+    assert!(
+        after < cached * CHUNK + (256 << 10),
+        "{after} bytes in the cache for {cached} chunks after the restart ({left} before it)"
+    );
+    let got = std::fs::read(again.path("a.bin")).unwrap();
+    if let Some(d) = first_difference(&got, &want) {
+        panic!("{d}; stats {}", again.stats());
+    }
+    let s = again.stats();
+    assert_eq!(
+        s["bytes_from_source"],
+        want.len() as u64 - cached * CHUNK,
+        "{s}"
+    );
+    let full = blocks_under(&cache);
+    assert!(
+        full < want.len() as u64 + (256 << 10),
+        "{full} bytes in the cache for a {} byte file",
+        want.len()
+    );
+    drop(again);
 }
 
 /// (a) A cache dir owned by another user is refused.

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
+use common::hung::HungPeer;
 use common::*;
 
 const MIB: usize = 1 << 20;
@@ -169,4 +170,69 @@ fn a_next_shard_replaced_after_its_listing_is_prefetched_as_it_is_now() {
         "{}",
         m.stats()
     );
+}
+
+/// In a peer group with a member that hangs, the next shard's chunks that
+/// member owns cost the ahead job one peer timeout, then come from the
+/// origin: the load goes on, and no byte comes twice.
+#[test]
+fn next_shard_prefetch_past_a_hung_peer_fetches_each_byte_once() {
+    let w = Work::new();
+    let want = three_shards(&w, 900);
+    let token = token_file(w.dir.path());
+    let hung = HungPeer::start("127.0.0.70:0");
+    let me = format!("127.0.0.71:{}", free_port());
+    let m = w.mount(&[
+        "--chunk-size",
+        "1MiB",
+        "--listen",
+        &me,
+        "--peers",
+        &format!("{me},{}", hung.addr),
+        "--peer-timeout",
+        "2",
+        "--request-timeout",
+        "2",
+        "--retries",
+        "0",
+        "--peer-token-file",
+        token.to_str().unwrap(),
+    ]);
+    // 2 s per hung ask until the member is backed off, and the origin's
+    // 2 s: far less than this bound.
+    let origin = |bytes: usize| {
+        wait_until(
+            &format!("{bytes} bytes from the origin"),
+            Duration::from_secs(30),
+            || m.stat_u64("bytes_from_source") == bytes as u64,
+        )
+    };
+    let first = File::open(m.path(&shard(1))).unwrap();
+    read_exactly(&first, &want[0], 0..16 * MIB);
+    origin(32 * MIB);
+    // The reads above met the hung member and backed it off (10 s): wait
+    // that out, so that the next ahead job asks it.
+    std::thread::sleep(Duration::from_secs(11));
+    let asked = hung.seen().len();
+    let second = File::open(m.path(&shard(2))).unwrap();
+    drop(first);
+    read_exactly(&second, &want[1], 0..16 * MIB);
+    origin(48 * MIB);
+    assert!(
+        hung.seen()[asked..]
+            .iter()
+            .any(|(_, line)| line.contains("model-00003-of-00003")),
+        "the ahead job never asked the hung member: {:?}",
+        hung.seen()
+    );
+    drop(second);
+    let third = File::open(m.path(&shard(3))).unwrap();
+    read_exactly(&third, &want[2], 0..16 * MIB);
+    let s = m.stats();
+    assert_eq!(s["bytes_from_source"], 48 * MIB as u64, "{s}");
+    assert!(
+        s["peers"][&hung.addr]["errors"].as_u64().unwrap() >= 2,
+        "{s}"
+    );
+    assert_eq!(s["read_errors"], 0, "{s}");
 }

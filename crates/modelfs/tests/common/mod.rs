@@ -1,6 +1,7 @@
 //! Helpers for tests through a real FUSE mount of the real binary.
 #![allow(dead_code)]
 
+pub mod hung;
 pub mod s3;
 
 use std::os::unix::fs::FileExt;

@@ -168,6 +168,10 @@ pub enum Fault {
     Stall,
     /// Every other new connection answers 503.
     Flaky,
+    /// Pass what clients send, and the first `Proxy::cut_after` bytes of
+    /// what the server answers on all connections together; then stay silent
+    /// with the connections open (bodies that stop half way).
+    Cut,
 }
 
 /// A TCP proxy to `upstream` whose behaviour the test switches.
@@ -175,6 +179,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     mode: Arc<AtomicU8>,
     live: Arc<Mutex<Vec<TcpStream>>>,
+    cut: Arc<AtomicUsize>,
 }
 
 fn answer_503(mut s: TcpStream) {
@@ -215,7 +220,8 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let mode = Arc::new(AtomicU8::new(Fault::Pass as u8));
         let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (m, l) = (mode.clone(), live.clone());
+        let cut = Arc::new(AtomicUsize::new(usize::MAX));
+        let (m, l, limit) = (mode.clone(), live.clone(), cut.clone());
         let count = AtomicUsize::new(0);
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -239,12 +245,28 @@ impl Proxy {
                             .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
                         let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                         std::thread::spawn(move || pipe(client, server));
-                        std::thread::spawn(move || pipe(s2, c2));
+                        if fault == Fault::Cut as u8 {
+                            let budget = limit.clone();
+                            std::thread::spawn(move || pipe_cut(s2, c2, &budget));
+                        } else {
+                            std::thread::spawn(move || pipe(s2, c2));
+                        }
                     }
                 }
             }
         });
-        Proxy { addr, mode, live }
+        Proxy {
+            addr,
+            mode,
+            live,
+            cut,
+        }
+    }
+
+    /// Switches to `Fault::Cut`: `bytes` of answers are left to pass.
+    pub fn cut_after(&self, bytes: usize) {
+        self.cut.store(bytes, Ordering::SeqCst);
+        self.set(Fault::Cut);
     }
 
     pub fn endpoint(&self) -> String {
@@ -257,6 +279,27 @@ impl Proxy {
         self.mode.store(f as u8, Ordering::SeqCst);
         for s in self.live.lock().unwrap().drain(..) {
             let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// `pipe`, which forwards only what is left of `budget` and leaves both
+/// sockets open: the reader sees a stream that stalls, not one that ends.
+fn pipe_cut(mut from: TcpStream, mut to: TcpStream, budget: &AtomicUsize) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let left = budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                Some(b.saturating_sub(n))
+            })
+            .unwrap();
+        let pass = n.min(left);
+        if to.write_all(&buf[..pass]).is_err() || pass < n {
+            return;
         }
     }
 }
