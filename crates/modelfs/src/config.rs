@@ -381,10 +381,10 @@ pub fn run(a: RunArgs) -> Result<()> {
     let plan = load(&a.config)?;
     if a.dry_run {
         for s in &plan.serves {
-            println!("modelfs serve {}", shell_words(s));
+            say!("modelfs serve {}", shell_words(s));
         }
         for m in &plan.mounts {
-            println!("modelfs mount {} --foreground", shell_words(m));
+            say!("modelfs mount {} --foreground", shell_words(m));
         }
         return Ok(());
     }

@@ -128,13 +128,13 @@ pub fn unmount(mp: &Path) -> Result<()> {
         if kill(Pid::from_raw(pid), Signal::SIGTERM).is_ok()
             && wait_gone(pid, &abs, Duration::from_secs(15))
         {
-            println!("modelfs: unmounted {}", abs.display());
+            say!("modelfs: unmounted {}", abs.display());
             return Ok(());
         }
     }
     // A daemon that is gone or stuck: detach the mount ourselves.
     lazy_unmount(&abs)?;
-    println!("modelfs: unmounted {}", abs.display());
+    say!("modelfs: unmounted {}", abs.display());
     Ok(())
 }
 

@@ -124,7 +124,7 @@ fn background(args: MountArgs) -> Result<()> {
     read_end.read_to_string(&mut word)?;
     match word.trim() {
         "ok" => {
-            println!(
+            say!(
                 "modelfs: {} mounted at {} (pid {}, log {})",
                 args.source,
                 mp.display(),

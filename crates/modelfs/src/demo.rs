@@ -65,7 +65,7 @@ pub fn run(size: ByteSize, files: usize) -> Result<()> {
     let src = tmp.path().join("source");
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir_all(&mnt)?;
-    println!(
+    say!(
         "making a {size} synthetic safetensors model in {}",
         src.display()
     );
@@ -110,15 +110,17 @@ pub fn run(size: ByteSize, files: usize) -> Result<()> {
     let s = control::read_stats(&mnt)?;
     drop(unmount);
 
-    println!();
-    println!(
+    say!("");
+    say!(
         "{} tensors, {} verified against the source on every load",
         expect.len(),
         ByteSize(total)
     );
-    println!(
+    say!(
         "{:<44} {:>10} {:>12}",
-        "load (safetensors crate, mmap)", "MB/s", "vs source"
+        "load (safetensors crate, mmap)",
+        "MB/s",
+        "vs source"
     );
     for (name, v) in [
         ("source directory, read directly (cold)", direct),
@@ -126,10 +128,10 @@ pub fn run(size: ByteSize, files: usize) -> Result<()> {
         ("modelfs, warm (page cache kept)", warm),
         ("modelfs, page cache dropped (chunk cache)", from_cache),
     ] {
-        println!("{name:<44} {v:>10.0} {:>11.2}x", v / direct);
+        say!("{name:<44} {v:>10.0} {:>11.2}x", v / direct);
     }
-    println!();
-    println!(
+    say!("");
+    say!(
         "source bytes read {} for a {} model; passthrough {} ({} of {} opens)",
         ByteSize(s.bytes_from_source),
         ByteSize(total),

@@ -1,3 +1,17 @@
+/// `println!` that never panics: a reader that went away (`unmount | head`)
+/// ends the output, not the command, whose work is done either way.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*).and_then(|()| out.flush()) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("modelfs: cannot write to stdout: {e}");
+            }
+        }
+    }};
+}
+
 mod args;
 mod config;
 mod control;

@@ -52,7 +52,7 @@ pub fn run(args: PushArgs) -> Result<()> {
     ))?;
     bar.finish_and_clear();
     let secs = t.elapsed().as_secs_f64();
-    println!(
+    say!(
         "modelfs: pushed {} files ({}, {:.0} MB/s), {} already there, to {}{}",
         report.uploaded.len(),
         ByteSize(report.bytes_uploaded),

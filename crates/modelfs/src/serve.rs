@@ -87,22 +87,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
             }
         });
         let Some(done) = done else {
-            println!("modelfs serve: stopped during the preload");
+            say!("modelfs serve: stopped during the preload");
             return Ok(());
         };
         match done {
             Ok(()) => {
                 let s = preload.status();
-                println!(
+                say!(
                     "modelfs serve: preload complete: {} files, {}",
                     s.files,
                     ByteSize(s.bytes)
                 );
             }
-            Err(e) => println!("modelfs serve: preload failed: {e:#}"),
+            Err(e) => say!("modelfs serve: preload failed: {e:#}"),
         }
     }
-    println!("modelfs serve: serving {} on {}", a.source, a.listen);
+    say!("modelfs serve: serving {} on {}", a.source, a.listen);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
     }

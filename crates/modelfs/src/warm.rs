@@ -123,7 +123,7 @@ fn check(a: &WarmArgs) -> Result<()> {
         ByteSize(p.bytes)
     );
     if p.complete || (missing.is_empty() && !unlisted) {
-        println!("modelfs: cached: {progress}");
+        say!("modelfs: cached: {progress}");
         return Ok(());
     }
     let mut names: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
@@ -168,7 +168,7 @@ fn check_files(root: &Path, named: &[String]) -> Result<()> {
         ByteSize(bytes)
     );
     if missing.is_empty() {
-        println!("modelfs: cached: {progress}");
+        say!("modelfs: cached: {progress}");
         return Ok(());
     }
     let mut names: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
@@ -203,7 +203,7 @@ pub fn run(a: WarmArgs) -> Result<()> {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        println!(
+        say!(
             "modelfs: warming {} in the background (pid {})",
             a.path.display(),
             child.id()
@@ -299,7 +299,7 @@ pub fn run(a: WarmArgs) -> Result<()> {
     if evicted > 0 {
         bail!("the cache is too small: {evicted} chunks were evicted while warming {}; raise --cache-size", ByteSize(total));
     }
-    println!(
+    say!(
         "modelfs: warmed {} files ({}) in {:.1}s",
         files.len(),
         ByteSize(total),

@@ -272,6 +272,29 @@ fn twenty_thousand_files_read_under_ulimit_1024() {
     assert!(max_fds < 900, "the daemon held {max_fds} fds");
 }
 
+/// The write end of a pipe whose read end is closed: what `modelfs ... |
+/// head -1` meets once head has exited.
+fn closed_pipe() -> std::process::Stdio {
+    let mut fds = [0; 2];
+    // SAFETY: pipe fills two fds that we then own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fresh fds from pipe; the read end is closed at once.
+    let write_end = unsafe {
+        drop(std::os::fd::OwnedFd::from_raw_fd(fds[0]));
+        std::os::fd::OwnedFd::from_raw_fd(fds[1])
+    };
+    std::process::Stdio::from(write_end)
+}
+
+fn quiet_success(what: &str, out: &Output) {
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{what}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn stat_into_a_closed_pipe_exits_quietly() {
     let w = Work::new();
@@ -279,31 +302,40 @@ fn stat_into_a_closed_pipe_exits_quietly() {
     let m = w.mount(&[]);
     assert_same_file(&w.src().join("f.bin"), &m.path("f.bin"));
     for json in [false, true] {
-        // What `modelfs stat MOUNT | head -1` meets once head has exited.
-        let mut fds = [0; 2];
-        // SAFETY: pipe fills two fds that we then own.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: fresh fds from pipe; the read end is closed at once.
-        let write_end = unsafe {
-            drop(std::os::fd::OwnedFd::from_raw_fd(fds[0]));
-            std::os::fd::OwnedFd::from_raw_fd(fds[1])
-        };
         let mut cmd = Command::new(bin());
         cmd.args(["stat", m.mp.to_str().unwrap()]);
         if json {
             cmd.arg("--json");
         }
-        let out = cmd
-            .stdout(std::process::Stdio::from(write_end))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success() && out.stderr.is_empty(),
-            "json {json}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = cmd.stdout(closed_pipe()).output().unwrap();
+        quiet_success(&format!("json {json}"), &out);
     }
+}
+
+/// Mount and unmount print a line when done; a reader of it that went away
+/// changes neither what they did nor their exit status.
+#[test]
+fn mount_and_unmount_into_a_closed_pipe_succeed() {
+    let w = Work::new();
+    write_file(&w.src().join("f.bin"), 5000, 7);
+    let mp = w.mnt();
+    let out = Command::new(bin())
+        .args(["mount", w.src().to_str().unwrap(), mp.to_str().unwrap()])
+        .args(["--cache-dir", w.cache.path().to_str().unwrap()])
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    // Unmounted by the guard if the checks below fail.
+    let m = Mount { mp: mp.clone() };
+    quiet_success("mount", &out);
+    assert_same_file(&w.src().join("f.bin"), &m.path("f.bin"));
+    let out = Command::new(bin())
+        .args(["unmount", mp.to_str().unwrap()])
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    quiet_success("unmount", &out);
+    assert!(!is_mounted(&mp));
 }
 
 #[test]
