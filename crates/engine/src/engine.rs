@@ -82,11 +82,11 @@ pub(crate) enum Want {
 }
 
 /// What a flight brought: the chunk, or word that it was not fetched
-/// because the cache had no room for it (and who asked).
+/// because the cache had no room for it.
 #[derive(Clone)]
 pub(crate) enum Got {
     Bytes(Bytes),
-    NoRoom(Want),
+    NoRoom,
 }
 
 /// Bytes from the tiers, and the server they came from when they were not
@@ -297,7 +297,7 @@ impl Engine {
             // No room to keep the chunk: fetch just what was asked, so a
             // reader of a full cache costs the origin what it reads. Peers
             // deal in whole chunks, so they are not asked for a piece.
-            Got::NoRoom(_) => {
+            Got::NoRoom => {
                 let base = cf.chunk_range(i).start;
                 let range = base + rel.start..base + rel.end;
                 let got = self
@@ -323,18 +323,39 @@ impl Engine {
         i: u64,
         want: Want,
     ) -> Result<Got> {
-        let got = self.flight(cf, i, want).await?;
+        let got = match want {
+            Want::Prefetch => self.prefetch(cf, i).await?,
+            Want::Read | Want::Whole | Want::Peer => self.flight(cf, i, want).await?,
+        };
         match got {
-            // The flight we joined was prefetch's, which may not evict what
-            // nobody has read; a reader may, so it tries once in its own name.
-            Got::NoRoom(Want::Prefetch) if want != Want::Prefetch => {
-                match self.flight(cf, i, want).await? {
-                    Got::NoRoom(_) if want == Want::Whole => self.fetch_uncached(cf, i).await,
-                    other => Ok(other),
-                }
-            }
-            Got::NoRoom(_) if want == Want::Whole => self.fetch_uncached(cf, i).await,
+            Got::NoRoom if want == Want::Whole => self.fetch_uncached(cf, i).await,
             other => Ok(other),
+        }
+    }
+
+    /// Prefetch's fetch of chunk `i`: it joins the chunk's flight, or leads
+    /// one only if it could reserve room, under the flights' lock. A flight
+    /// that found no room would fetch nothing, and a reader's miss that
+    /// joined it would have to ask again, and could join the next such
+    /// flight of prefetch's (which tries a reader's chunks again and again
+    /// while its window is full): the reader would then be served uncached
+    /// and the chunk fetched from the origin a second time later.
+    async fn prefetch(self: &Arc<Self>, cf: &Arc<CacheFile>, i: u64) -> Result<Got> {
+        let mut evicted = None;
+        let flight = self.flights.join_or_lead((cf.key, i), || {
+            let (room, ev) = self.store.reserve_unfreed(cf, i, Mode::Prefetch);
+            evicted = Some(ev);
+            match room {
+                Reserve::Room(r) => Some(self.clone().fill(cf.clone(), i, Want::Prefetch, r)),
+                Reserve::Busy | Reserve::NoRoom => None,
+            }
+        });
+        // Freeing blocks is I/O: not under the flights' lock.
+        drop(evicted);
+        match flight {
+            Some(f) => f.await,
+            // Nobody is fetching it: it is cached, or there is no room.
+            None => Ok(self.store.read_chunk(cf, i).map_or(Got::NoRoom, Got::Bytes)),
         }
     }
 
@@ -349,6 +370,8 @@ impl Engine {
         Ok(Got::Bytes(b))
     }
 
+    /// A flight for a reader, a whole chunk or a peer, which may evict what
+    /// nobody has read (prefetch has its own, see [`Self::prefetch`]).
     async fn flight(self: &Arc<Self>, cf: &Arc<CacheFile>, i: u64, want: Want) -> Result<Got> {
         let (engine, cf) = (self.clone(), cf.clone());
         self.flights
@@ -357,44 +380,52 @@ impl Engine {
                 if let Some(b) = engine.store.read_chunk(&cf, i) {
                     return Ok(Got::Bytes(b));
                 }
-                let mode = match want {
-                    Want::Prefetch => Mode::Prefetch,
-                    Want::Read | Want::Whole | Want::Peer => Mode::Read,
-                };
-                let mut room = match engine.store.reserve(&cf, i, mode) {
-                    Reserve::Room(r) => Some(r),
-                    Reserve::Busy | Reserve::NoRoom => return Ok(Got::NoRoom(want)),
-                };
-                let got = engine
-                    .fetch_from_tiers(
-                        &cf,
-                        i,
-                        cf.chunk_range(i),
-                        want == Want::Peer,
-                        want == Want::Read,
-                        &mut room,
-                    )
-                    .await?;
-                // Its sender caught lying while this chunk was on its way:
-                // no waiter gets it, the origin's is fetched instead.
-                let got = match got.unchecked_from {
-                    Some(ref from) if engine.caught(from) => Fetched {
-                        bytes: engine
-                            .read_origin(&cf, i, cf.chunk_range(i), want == Want::Read)
-                            .await?,
-                        unchecked_from: None,
-                    },
-                    _ => got,
-                };
-                if let Some(r) = room {
-                    engine.store.commit(r, &got.bytes);
+                match engine.store.reserve(&cf, i, Mode::Read) {
+                    Reserve::Room(r) => engine.fill(cf, i, want, r).await,
+                    Reserve::Busy | Reserve::NoRoom => Ok(Got::NoRoom),
                 }
-                // Cached or not, it is served: a catch must drop the pages
-                // the kernel keeps of it too.
-                engine.remember(&cf, i, got.unchecked_from);
-                Ok(Got::Bytes(got.bytes))
             })
             .await
+    }
+
+    /// A flight's work once it has `room` for chunk `i`: fetch it, keep it,
+    /// hand it to the flight's waiters.
+    async fn fill(
+        self: Arc<Self>,
+        cf: Arc<CacheFile>,
+        i: u64,
+        want: Want,
+        room: Reservation,
+    ) -> Result<Got> {
+        let mut room = Some(room);
+        let got = self
+            .fetch_from_tiers(
+                &cf,
+                i,
+                cf.chunk_range(i),
+                want == Want::Peer,
+                want == Want::Read,
+                &mut room,
+            )
+            .await?;
+        // Its sender caught lying while this chunk was on its way:
+        // no waiter gets it, the origin's is fetched instead.
+        let got = match got.unchecked_from {
+            Some(ref from) if self.caught(from) => Fetched {
+                bytes: self
+                    .read_origin(&cf, i, cf.chunk_range(i), want == Want::Read)
+                    .await?,
+                unchecked_from: None,
+            },
+            _ => got,
+        };
+        if let Some(r) = room {
+            self.store.commit(r, &got.bytes);
+        }
+        // Cached or not, it is served: a catch must drop the pages
+        // the kernel keeps of it too.
+        self.remember(&cf, i, got.unchecked_from);
+        Ok(Got::Bytes(got.bytes))
     }
 
     /// `len` bytes of the in-flight budget, held until the last piece of
@@ -667,7 +698,7 @@ impl Engine {
             // The upload may last as long as the asker's connection: it gets
             // its own copy, so it never holds the fetch's budget or buffer.
             Got::Bytes(b) => Ok(Bytes::copy_from_slice(&b)),
-            Got::NoRoom(_) => Err(Error::NotFound(format!("{} chunk {i}: no room", file.path))),
+            Got::NoRoom => Err(Error::NotFound(format!("{} chunk {i}: no room", file.path))),
         }
     }
 
@@ -792,3 +823,6 @@ fn tell_dropped(hooks: &Mutex<Vec<DroppedHook>>, cs: u64, file: &FileVersion, ch
         hook(file, &ranges);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -381,7 +381,7 @@ async fn run(engine: Arc<Engine>, cf: Arc<CacheFile>, job: Arc<Job>, permits: Ar
                     add(&engine.stats().chunks_prefetched, 1)
                 }
                 // Nothing was fetched: try again when there is room.
-                Ok(Got::NoRoom(_)) => retry.lock().push((i, job.follow.wanted(i))),
+                Ok(Got::NoRoom) => retry.lock().push((i, job.follow.wanted(i))),
                 // The file changed or went: readers learn it at their next
                 // open; nothing more of this version is worth fetching.
                 Err(crate::Error::VersionChanged { .. } | crate::Error::NotFound(_)) => {

@@ -11,7 +11,8 @@ use parking_lot::Mutex;
 
 use crate::{Error, Result};
 
-type Flight<V> = Shared<BoxFuture<'static, Result<V>>>;
+/// A flight to wait for: every waiter gets a clone of its result.
+pub type Flight<V> = Shared<BoxFuture<'static, Result<V>>>;
 
 pub struct SingleFlight<K, V> {
     inflight: Arc<Mutex<HashMap<K, Flight<V>>>>,
@@ -37,32 +38,42 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
-        let flight = {
-            let mut map = self.inflight.lock();
-            if let Some(f) = map.get(&key) {
-                f.clone()
-            } else {
-                let fut = work();
-                let map_ref = self.inflight.clone();
-                let k = key.clone();
-                // The map lock is held until the flight is inserted, so the
-                // task's removal cannot run before the insertion.
-                let task = tokio::spawn(async move {
-                    let v = fut.await;
-                    map_ref.lock().remove(&k);
-                    v
-                });
-                let f = async move {
-                    task.await
-                        .unwrap_or_else(|e| Err(Error::Cache(format!("fetch task failed: {e}"))))
-                }
-                .boxed()
-                .shared();
-                map.insert(key, f.clone());
-                f
-            }
-        };
-        flight.await
+        let flight = self.join_or_lead(key, || Some(work()));
+        flight.expect("work that always leads").await
+    }
+
+    /// The flight of `key` to wait for: the one in flight, or the one `lead`
+    /// starts. `lead` runs under the lock that joiners take, so it may
+    /// decide whether there is work to do at all: `None` starts nothing,
+    /// and nobody joins work that was never going to happen. Not async, so
+    /// the caller can finish what `lead` began once the lock is released.
+    pub fn join_or_lead<F, Fut>(&self, key: K, lead: F) -> Option<Flight<V>>
+    where
+        F: FnOnce() -> Option<Fut>,
+        Fut: Future<Output = Result<V>> + Send + 'static,
+    {
+        let mut map = self.inflight.lock();
+        if let Some(f) = map.get(&key) {
+            return Some(f.clone());
+        }
+        let fut = lead()?;
+        let map_ref = self.inflight.clone();
+        let k = key.clone();
+        // The map lock is held until the flight is inserted, so the
+        // task's removal cannot run before the insertion.
+        let task = tokio::spawn(async move {
+            let v = fut.await;
+            map_ref.lock().remove(&k);
+            v
+        });
+        let f = async move {
+            task.await
+                .unwrap_or_else(|e| Err(Error::Cache(format!("fetch task failed: {e}"))))
+        }
+        .boxed()
+        .shared();
+        map.insert(key, f.clone());
+        Some(f)
     }
 
     pub fn in_flight(&self) -> usize {

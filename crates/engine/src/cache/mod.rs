@@ -11,7 +11,9 @@ mod writer;
 
 #[cfg(test)]
 pub(crate) use store::on_tmpfs;
-pub use store::{CacheConfig, CacheFile, ChunkStore, Mode, Reservation, Reserve, WholeFilePin};
+pub use store::{
+    CacheConfig, CacheFile, ChunkStore, Evicted, Mode, Reservation, Reserve, WholeFilePin,
+};
 pub use writer::ChunkWriter;
 
 #[cfg(test)]

@@ -203,6 +203,20 @@ impl Drop for Reservation {
     }
 }
 
+/// Chunks evicted to make room, out of the accounting already: their
+/// blocks are freed when this is dropped.
+#[must_use = "dropping it frees the evicted chunks' blocks"]
+pub struct Evicted {
+    store: Arc<ChunkStore>,
+    victims: Vec<Victim>,
+}
+
+impl Drop for Evicted {
+    fn drop(&mut self) {
+        self.store.punch(std::mem::take(&mut self.victims));
+    }
+}
+
 pub enum Reserve {
     Room(Reservation),
     /// The chunk is present, being written or being evicted.
@@ -735,11 +749,28 @@ impl ChunkStore {
 
     /// Room for chunk `i`, before anyone fetches it.
     pub fn reserve(self: &Arc<Self>, cf: &CacheFile, i: u64, mode: Mode) -> Reserve {
+        self.reserve_unfreed(cf, i, mode).0
+    }
+
+    /// As [`Self::reserve`], but the blocks of the chunks evicted for the
+    /// room are freed only when the [`Evicted`] is dropped: for a caller
+    /// that reserves under a lock of its own, where freeing them (I/O)
+    /// would hold up everyone waiting for that lock.
+    pub fn reserve_unfreed(
+        self: &Arc<Self>,
+        cf: &CacheFile,
+        i: u64,
+        mode: Mode,
+    ) -> (Reserve, Evicted) {
+        let mut evicted = Evicted {
+            store: self.clone(),
+            victims: vec![],
+        };
         let len = cf.chunk_len(i);
         let mut inner = self.inner.lock();
         self.maybe_regrow(&mut inner);
         if inner.blocked_until.is_some_and(|t| Instant::now() < t) {
-            return Reserve::NoRoom;
+            return (Reserve::NoRoom, evicted);
         }
         let (gen, absent) = match inner.files.get(&cf.key) {
             Some(e) => (
@@ -748,19 +779,19 @@ impl ChunkStore {
                     .get(i as usize)
                     .is_some_and(|s| s.state == State::Absent),
             ),
-            None => return Reserve::Busy,
+            None => return (Reserve::Busy, evicted),
         };
         if !absent {
-            return Reserve::Busy;
+            return (Reserve::Busy, evicted);
         }
         let prefetch = mode == Mode::Prefetch;
         if prefetch && inner.unread + len > self.window(&inner) {
-            return Reserve::NoRoom;
+            return (Reserve::NoRoom, evicted);
         }
         let Some(plan) = self.plan(&inner, len, mode, Some(cf.key)) else {
-            return Reserve::NoRoom;
+            return (Reserve::NoRoom, evicted);
         };
-        let victims = self.apply(&mut inner, plan);
+        evicted.victims = self.apply(&mut inner, plan);
         inner.used += len;
         if prefetch {
             inner.unread += len;
@@ -768,9 +799,7 @@ impl ChunkStore {
         if let Some(e) = inner.files.get_mut(&cf.key) {
             e.slots[i as usize].state = State::Writing;
         }
-        drop(inner);
-        self.punch(victims);
-        Reserve::Room(Reservation {
+        let room = Reservation {
             store: self.clone(),
             key: cf.key,
             i,
@@ -778,7 +807,8 @@ impl ChunkStore {
             len,
             prefetch,
             done: false,
-        })
+        };
+        (Reserve::Room(room), evicted)
     }
 
     /// Stores the bytes of a reserved chunk. `false` if they could not be
