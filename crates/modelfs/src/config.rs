@@ -380,13 +380,15 @@ struct Running {
 pub fn run(a: RunArgs) -> Result<()> {
     let plan = load(&a.config)?;
     if a.dry_run {
+        // A script to run: failing to write it all is an error.
+        let mut script = String::new();
         for s in &plan.serves {
-            say!("modelfs serve {}", shell_words(s));
+            script += &format!("modelfs serve {}\n", shell_words(s));
         }
         for m in &plan.mounts {
-            say!("modelfs mount {} --foreground", shell_words(m));
+            script += &format!("modelfs mount {} --foreground\n", shell_words(m));
         }
-        return Ok(());
+        return crate::control::print(&script);
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

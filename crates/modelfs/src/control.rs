@@ -105,7 +105,7 @@ pub fn stat(mp: &Path, json: bool) -> Result<()> {
 
 /// Writes to stdout; a reader that went away (`stat | head -1`) ends the
 /// output quietly instead of failing.
-fn print(text: &str) -> Result<()> {
+pub fn print(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),

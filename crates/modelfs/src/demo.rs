@@ -152,7 +152,7 @@ fn scopeguard(mp: &Path) -> Unmount {
 impl Drop for Unmount {
     fn drop(&mut self) {
         if let Err(e) = control::unmount(&self.0) {
-            eprintln!("modelfs demo: {e:#}");
+            tell!("modelfs demo: {e:#}");
         }
     }
 }

@@ -6,9 +6,18 @@ macro_rules! say {
         let mut out = std::io::stdout().lock();
         if let Err(e) = writeln!(out, $($arg)*).and_then(|()| out.flush()) {
             if e.kind() != std::io::ErrorKind::BrokenPipe {
-                eprintln!("modelfs: cannot write to stdout: {e}");
+                tell!("modelfs: cannot write to stdout: {e}");
             }
         }
+    }};
+}
+
+/// `eprintln!` that never panics, when stderr is a pipe nobody reads
+/// (`modelfs mount ... |& head -0`): the exit status still tells.
+macro_rules! tell {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
     }};
 }
 
@@ -147,7 +156,7 @@ fn main() -> ExitCode {
     // Started by mount(8) for an fstab line: become `modelfs mount ...`
     // (exec, so that the background mount re-runs this binary as itself).
     if let Some(argv) = host::helper_argv(&args) {
-        eprintln!("modelfs: {:#}", exec_fstab_mount(argv));
+        tell!("modelfs: {:#}", exec_fstab_mount(argv));
         return ExitCode::FAILURE;
     }
     let cli = Cli::from_arg_matches(&with_env(Cli::command()).get_matches_from(args))
@@ -195,7 +204,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match cli_format {
-                LogFormat::Text => eprintln!("modelfs: {e:#}"),
+                LogFormat::Text => tell!("modelfs: {e:#}"),
                 LogFormat::Json => tracing::error!("{e:#}"),
             }
             ExitCode::FAILURE

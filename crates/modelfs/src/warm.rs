@@ -267,7 +267,7 @@ pub fn run(a: WarmArgs) -> Result<()> {
                         if lines {
                             let mut d = done.lock().unwrap();
                             *d = (d.0 + 1, d.1 + size);
-                            eprintln!(
+                            tell!(
                                 "modelfs: warmed {} ({}), {} of {} files, {} of {}",
                                 path.display(),
                                 ByteSize(*size),

@@ -198,8 +198,8 @@ fn next_shard_prefetch_past_a_hung_peer_fetches_each_byte_once() {
         "--peer-token-file",
         token.to_str().unwrap(),
     ]);
-    // 2 s per hung ask until the member is backed off, and the origin's
-    // 2 s: far less than this bound.
+    // An ask of the hung member costs the peer timeout and the origin's
+    // budget (2 + 2 s) until it is backed off: far less than this bound.
     let origin = |bytes: usize| {
         wait_until(
             &format!("{bytes} bytes from the origin"),
@@ -210,8 +210,9 @@ fn next_shard_prefetch_past_a_hung_peer_fetches_each_byte_once() {
     let first = File::open(m.path(&shard(1))).unwrap();
     read_exactly(&first, &want[0], 0..16 * MIB);
     origin(32 * MIB);
-    // The reads above met the hung member and backed it off (10 s): wait
-    // that out, so that the next ahead job asks it.
+    // The reads above met the hung member and backed it off (for 10 s,
+    // `backoff_for` in the engine's peer membership): wait that out, so
+    // that the next ahead job asks it.
     std::thread::sleep(Duration::from_secs(11));
     let asked = hung.seen().len();
     let second = File::open(m.path(&shard(2))).unwrap();

@@ -227,6 +227,9 @@ impl Proxy {
             for conn in listener.incoming() {
                 let Ok(client) = conn else { continue };
                 let n = count.fetch_add(1, Ordering::SeqCst);
+                // Under the lock `set` switches and drains with: a
+                // connection is handled in one mode, and drained by the next.
+                let mut held = l.lock().unwrap();
                 let fault = m.load(Ordering::SeqCst);
                 match fault {
                     f if f == Fault::Unavailable as u8
@@ -235,14 +238,12 @@ impl Proxy {
                         std::thread::spawn(move || answer_503(client));
                     }
                     f if f == Fault::Reset as u8 => reset(client),
-                    f if f == Fault::Stall as u8 => l.lock().unwrap().push(client),
+                    f if f == Fault::Stall as u8 => held.push(client),
                     _ => {
                         let Ok(server) = TcpStream::connect(upstream) else {
                             continue;
                         };
-                        l.lock()
-                            .unwrap()
-                            .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                        held.extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
                         let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                         std::thread::spawn(move || pipe(client, server));
                         if fault == Fault::Cut as u8 {
@@ -263,10 +264,13 @@ impl Proxy {
         }
     }
 
-    /// Switches to `Fault::Cut`: `bytes` of answers are left to pass.
-    pub fn cut_after(&self, bytes: usize) {
+    /// Switches to `Fault::Cut`: `bytes` of answers are left to pass. The
+    /// guard switches back to `Fault::Pass` when dropped, so that a failed
+    /// test leaves no daemon waiting on a stalled body.
+    pub fn cut_after(&self, bytes: usize) -> PassOnDrop<'_> {
         self.cut.store(bytes, Ordering::SeqCst);
         self.set(Fault::Cut);
+        PassOnDrop(self)
     }
 
     pub fn endpoint(&self) -> String {
@@ -276,10 +280,20 @@ impl Proxy {
     /// Switches behaviour and drops every open connection, so that pooled
     /// keep-alive connections meet the new behaviour too.
     pub fn set(&self, f: Fault) {
+        let mut live = self.live.lock().unwrap();
         self.mode.store(f as u8, Ordering::SeqCst);
-        for s in self.live.lock().unwrap().drain(..) {
+        for s in live.drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
+    }
+}
+
+/// See [`Proxy::cut_after`].
+pub struct PassOnDrop<'a>(&'a Proxy);
+
+impl Drop for PassOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.set(Fault::Pass);
     }
 }
 
