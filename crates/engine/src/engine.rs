@@ -341,17 +341,24 @@ impl Engine {
     /// while its window is full): the reader would then be served uncached
     /// and the chunk fetched from the origin a second time later.
     async fn prefetch(self: &Arc<Self>, cf: &Arc<CacheFile>, i: u64) -> Result<Got> {
-        let mut evicted = None;
         let flight = self.flights.join_or_lead((cf.key, i), || {
-            let (room, ev) = self.store.reserve_unfreed(cf, i, Mode::Prefetch);
-            evicted = Some(ev);
+            let (room, evicted) = self.store.reserve_unfreed(cf, i, Mode::Prefetch);
             match room {
-                Reserve::Room(r) => Some(self.clone().fill(cf.clone(), i, Want::Prefetch, r)),
+                Reserve::Room(r) => {
+                    let fill = self.clone().fill(cf.clone(), i, Want::Prefetch, r);
+                    // The evicted chunks' blocks are freed in the flight's
+                    // task: not under the flights' lock (it is I/O), and
+                    // before the new chunk is written, which on a full
+                    // filesystem needs them.
+                    Some(async move {
+                        drop(evicted);
+                        fill.await
+                    })
+                }
+                // Nothing was evicted for no room.
                 Reserve::Busy | Reserve::NoRoom => None,
             }
         });
-        // Freeing blocks is I/O: not under the flights' lock.
-        drop(evicted);
         match flight {
             Some(f) => f.await,
             // Nobody is fetching it: it is cached, or there is no room.
