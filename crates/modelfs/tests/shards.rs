@@ -29,6 +29,15 @@ fn three_shards(w: &Work, seed: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Waits until the origin has sent `bytes` in all, 30 s at most.
+fn origin_reaches(m: &Mount, bytes: usize) {
+    wait_until(
+        &format!("{bytes} bytes from the origin"),
+        Duration::from_secs(30),
+        || m.stat_u64("bytes_from_source") == bytes as u64,
+    )
+}
+
 /// Loaders read a sharded model one shard after another: while one is open
 /// and all cached, the next is prefetched (one ahead, no further), so it is
 /// all in the cache when it is opened, and no byte comes twice.
@@ -37,13 +46,7 @@ fn the_next_shard_is_prefetched_while_the_one_before_is_open() {
     let w = Work::new();
     let want = three_shards(&w, 500);
     let m = w.mount(&["--chunk-size", "1MiB"]);
-    let origin = |bytes: usize| {
-        wait_until(
-            &format!("{bytes} bytes from the origin"),
-            Duration::from_secs(30),
-            || m.stat_u64("bytes_from_source") == bytes as u64,
-        )
-    };
+    let origin = |bytes: usize| origin_reaches(&m, bytes);
     let first = File::open(m.path(&shard(1))).unwrap();
     read_exactly(&first, &want[0], 0..16 * MIB);
     origin(32 * MIB);
@@ -200,13 +203,7 @@ fn next_shard_prefetch_past_a_hung_peer_fetches_each_byte_once() {
     ]);
     // An ask of the hung member costs the peer timeout and the origin's
     // budget (2 + 2 s) until it is backed off: far less than this bound.
-    let origin = |bytes: usize| {
-        wait_until(
-            &format!("{bytes} bytes from the origin"),
-            Duration::from_secs(30),
-            || m.stat_u64("bytes_from_source") == bytes as u64,
-        )
-    };
+    let origin = |bytes: usize| origin_reaches(&m, bytes);
     let first = File::open(m.path(&shard(1))).unwrap();
     read_exactly(&first, &want[0], 0..16 * MIB);
     origin(32 * MIB);

@@ -49,22 +49,18 @@ async fn land(engine: &Engine) {
     panic!("flights still in the air");
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn a_reader_is_never_left_with_a_prefetch_that_found_no_room() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = Arc::new(Mem {
-        bytes: (0..8 * CS).map(|b| (b % 251) as u8).collect(),
-        read: AtomicU64::new(0),
-    });
+/// An engine over eight chunks of `src`, with a prefetch window of
+/// `window` chunks and no prefetch job (the tests play prefetch), and the
+/// file opened.
+fn engine_over(src: &Arc<Mem>, cache: &std::path::Path, window: u64) -> (Arc<Engine>, OpenFile) {
     let engine = Engine::new(
         src.clone(),
         EngineConfig {
             chunk_size: CS,
-            cache_dir: dir.path().to_path_buf(),
+            cache_dir: cache.to_path_buf(),
             cache_capacity: 64 * CS,
-            // No prefetch job: this test plays prefetch itself.
             prefetch_concurrency: 0,
-            prefetch_window: 2 * CS,
+            prefetch_window: window * CS,
             listing_ttl: Duration::from_secs(60),
             max_inflight: 4 * CS,
             peer_verify_sample: 0.0,
@@ -79,6 +75,21 @@ async fn a_reader_is_never_left_with_a_prefetch_that_found_no_room() {
             size: 8 * CS,
         })
         .unwrap();
+    (engine, h)
+}
+
+fn eight_chunks() -> Arc<Mem> {
+    Arc::new(Mem {
+        bytes: (0..8 * CS).map(|b| (b % 251) as u8).collect(),
+        read: AtomicU64::new(0),
+    })
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_reader_is_never_left_with_a_prefetch_that_found_no_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = eight_chunks();
+    let (engine, h) = engine_over(&src, dir.path(), 2);
     // The window full of chunks nobody has read yet.
     for i in 0..2 {
         let got = engine.fetch(&h.cf, i, Want::Prefetch).await.unwrap();
@@ -121,4 +132,35 @@ async fn a_reader_is_never_left_with_a_prefetch_that_found_no_room() {
     // Read again, it comes from the cache: the origin sent each chunk once.
     engine.read(&h, k * CS, CS).await.unwrap();
     assert_eq!(src.read.load(Relaxed), 3 * CS);
+}
+
+/// Prefetch that asks for a chunk a reader's miss is fetching waits for
+/// that fetch: the origin sends the chunk once, and it is kept.
+#[tokio::test(flavor = "current_thread")]
+async fn prefetch_joins_a_readers_fetch_in_the_air() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = eight_chunks();
+    let (engine, h) = engine_over(&src, dir.path(), 4);
+    let k = 3;
+    let read = engine.read(&h, k * CS, CS);
+    tokio::pin!(read);
+    assert!(poll!(&mut read).is_pending());
+    assert_eq!(engine.flights.in_flight(), 1);
+    let pre = engine.fetch(&h.cf, k, Want::Prefetch);
+    tokio::pin!(pre);
+    assert!(poll!(&mut pre).is_pending());
+    assert_eq!(
+        engine.flights.in_flight(),
+        1,
+        "prefetch started a flight of its own"
+    );
+    land(&engine).await;
+    let want = src.bytes.slice((k * CS) as usize..((k + 1) * CS) as usize);
+    assert_eq!(read.await.unwrap(), want);
+    match pre.await.unwrap() {
+        Got::Bytes(b) => assert_eq!(b, want),
+        Got::NoRoom => panic!("prefetch found no room in an empty window"),
+    }
+    assert_eq!(src.read.load(Relaxed), CS);
+    assert!(engine.store.contains(&h.cf, k), "chunk {k} was not kept");
 }
