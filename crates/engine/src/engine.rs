@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::TryFutureExt;
@@ -19,7 +19,7 @@ use crate::namespace::Namespace;
 use crate::prefetch::{PrefetchTicket, Prefetcher};
 use crate::singleflight::SingleFlight;
 use crate::stats::{add, Stats, StatsSnapshot};
-use crate::tier::{record_fetch, Answer, OriginTier, Tier};
+use crate::tier::{Answer, OriginTier, Tier};
 use crate::verify::Verifier;
 use crate::{Error, FileVersion, Result, Source};
 
@@ -52,7 +52,9 @@ pub struct Engine {
     source: Arc<dyn Source>,
     namespace: Namespace,
     store: Arc<ChunkStore>,
+    /// Asked in order when the cache misses, before the origin.
     tiers: Vec<Arc<dyn Tier>>,
+    origin: OriginTier,
     flights: SingleFlight<(u128, u64), Got>,
     prefetcher: Prefetcher,
     /// Bytes of the `max_inflight` budget, taken before a tier is asked.
@@ -134,8 +136,8 @@ impl Engine {
             },
             stats.clone(),
         )?;
-        let mut tiers = tiers(&stats);
-        tiers.push(Arc::new(OriginTier(source.clone())));
+        let tiers = tiers(&stats);
+        let origin = OriginTier(source.clone());
         let inflight = cfg
             .max_inflight
             .max(cfg.chunk_size)
@@ -151,6 +153,7 @@ impl Engine {
             source,
             store,
             tiers,
+            origin,
             flights: SingleFlight::default(),
             prefetcher: Prefetcher::new(cfg.prefetch_concurrency),
             verifier: Verifier::new(rate),
@@ -477,7 +480,7 @@ impl Engine {
     ) -> Result<Fetched> {
         let chunk = cf.chunk_range(index);
         // The origin, last, is asked below.
-        for tier in &self.tiers[..self.tiers.len() - 1] {
+        for tier in &self.tiers {
             if skip_peers && tier.is_peer() {
                 continue;
             }
@@ -507,7 +510,7 @@ impl Engine {
                 });
             }
         }
-        if range == chunk && self.source.streams() && self.store.takes_streams() {
+        if range == chunk && self.origin.streams() && self.store.takes_streams() {
             // Without a writer (its files could not be made) the chunk is
             // fetched to serve, not to keep.
             if let Some(w) = room.take().and_then(|r| self.store.writer(r)) {
@@ -536,9 +539,7 @@ impl Engine {
         add(&self.stats.source_requests, 1);
         let range = cf.chunk_range(index);
         let budget = self.budget(range.end - range.start, reader).await?;
-        let t = Instant::now();
-        let read = self.source.read_to(&cf.file, range.clone(), &mut w).await;
-        record_fetch("source", t, &read);
+        let read = self.origin.fetch_to(&cf.file, range.clone(), &mut w).await;
         drop(budget);
         if let Err(e) = read {
             self.origin_failed(&e);
@@ -570,7 +571,7 @@ impl Engine {
         range: Range<u64>,
         reader: bool,
     ) -> Result<Bytes> {
-        let origin = self.tiers.last().expect("the origin is a tier");
+        let origin = &self.origin;
         add(&self.stats.source_requests, 1);
         let budget = self.budget(range.end - range.start, reader).await?;
         match origin.fetch(&cf.file, index, range.clone()).await {

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::stats::Stats;
-use crate::{FileVersion, Result, Source};
+use crate::{FileVersion, Result, Sink, Source};
 
 /// What a tier answered.
 pub struct Answer {
@@ -75,6 +75,27 @@ impl Tier for OriginTier {
             bytes,
             server: None,
         })
+    }
+}
+
+impl OriginTier {
+    /// As [`Tier::fetch`] of `range`, each piece of the body handed to
+    /// `sink` as it arrives (see [`Source::read_to`]).
+    pub async fn fetch_to(
+        &self,
+        file: &FileVersion,
+        range: Range<u64>,
+        sink: &mut (dyn Sink + Send),
+    ) -> Result<()> {
+        let t = Instant::now();
+        let r = self.0.read_to(file, range, sink).await;
+        record_fetch("source", t, &r);
+        r
+    }
+
+    /// Whether [`Self::fetch_to`] streams (see [`Source::streams`]).
+    pub fn streams(&self) -> bool {
+        self.0.streams()
     }
 }
 

@@ -98,8 +98,7 @@ impl Files {
             .write_all_at(bytes, range.start)
             .and_then(|()| self.index.set(i, Some(crc)));
         if r.is_err() {
-            let _ = self.index.set(i, None);
-            let _ = self.punch(range);
+            let _ = self.unwrite(i, range);
         }
         r
     }

@@ -859,7 +859,6 @@ impl ChunkStore {
     /// when the chunk could not be kept, its bytes in memory.
     pub fn commit_written(self: &Arc<Self>, w: ChunkWriter) -> io::Result<Bytes> {
         if !w.complete() {
-            warn!("a chunk streamed short; not cached");
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the chunk was not written whole",
@@ -879,20 +878,17 @@ impl ChunkStore {
         };
         add(&self.stats.chunks_streamed, 1);
         let len = range.end - range.start;
-        // Until its index entry is written nobody else knows these bytes are
-        // there: a copy of them is safe to take first when they cannot be
-        // kept.
-        if let Err(err) = files.index_chunk(r.i, crc) {
-            let bytes = files.read(range.start, len);
-            let _ = files.unwrite(r.i, range);
-            self.write_failed_for(&mut self.inner.lock(), &r, &err);
-            return bytes;
-        }
-        let committed = self.committed(&mut self.inner.lock(), &mut r, crc, true);
-        if !committed {
-            // Retired while it was written (a new version, a liar caught):
-            // the file is unlinked and its bytes counted nowhere, so they
-            // are copied out and freed.
+        let kept = match files.index_chunk(r.i, crc) {
+            Ok(()) => self.committed(&mut self.inner.lock(), &mut r, crc, true),
+            Err(err) => {
+                self.write_failed_for(&mut self.inner.lock(), &r, &err);
+                false
+            }
+        };
+        if !kept {
+            // Not in the index, or its file retired while it was written (a
+            // new version, a liar caught): nobody else knows these bytes are
+            // there, so they are copied out for the waiters and freed.
             let bytes = files.read(range.start, len);
             let _ = files.unwrite(r.i, range);
             return bytes;
