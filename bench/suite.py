@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -32,6 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "modelfs")
 GIB = 1 << 30
 MIB = 1 << 20
+FLOOR = goals.FLOOR
+S5CMD = goals.S5CMD
 
 
 def sh(*args, env=None, check=True, timeout=900, capture=True):
@@ -305,14 +308,15 @@ def scenario_cold_warm(env, model, names, expect, size):
     rows = []
     drop_caches()
     dl = os.path.join(env.shm, "s5")
-    t = time.time()
+    t, cpu = time.time(), children_cpu()
     r = sh("s5cmd", "--endpoint-url", env.endpoint, "--numworkers", "64", "cp", "--concurrency", "16",
            "--part-size", "8", "s3://models/model/*", dl + "/", env=env.env, check=False)
     if r.returncode == 0:
         s5 = size / (time.time() - t) / 1e6
+        cpu = round((children_cpu() - cpu) / (size / GIB), 3)
         verify(dl, names, expect)
-        rows.append({"system": "s5cmd (raw parallel download to /dev/shm)", "flags": "--numworkers 64 cp --concurrency 16 --part-size 8",
-                     "cold_MBps": round(s5)})
+        rows.append({"system": S5CMD, "flags": "--numworkers 64 cp --concurrency 16 --part-size 8",
+                     "cold_MBps": round(s5), "cold_cpu_s_per_GiB": cpu})
         drop_caches()
         t = timed_parallel_read([os.path.join(dl, n) for n in names])
         tmpfs = size / t / 1e6
@@ -365,7 +369,9 @@ def scenario_local_dir(env, model, names, expect, size):
 
     drop_caches()
     source = size / timed_parallel_read(paths(model)) / 1e6
-    rows = [{"system": "source directory, read directly", "cold_MBps": round(source)}]
+    rows = [{"system": "source directory, read directly", "cold_MBps": round(source)},
+            {"system": FLOOR, "cold_cpu_s_per_GiB": cache_floor(env, model, names, size),
+             "flags": "dd bs=8M iflag=direct into /dev/shm, then dd bs=1M of it to /dev/null"}]
     out = {}
     huge = tempfile.mkdtemp(prefix="huge-", dir=env.work)
     huge_mounted = sh("mount", "-t", "tmpfs", "-o", f"size={2 * size + (64 << 20)},huge=within_size", "tmpfs", huge,
@@ -392,6 +398,48 @@ def scenario_local_dir(env, model, names, expect, size):
             sh("umount", huge, check=False)
         shutil.rmtree(huge, ignore_errors=True)
     return {"rows": rows} | out
+
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_all(cmds):
+    procs = [subprocess.Popen(c, stderr=subprocess.PIPE) for c in cmds]
+    errs = [p.communicate()[1] for p in procs]
+    return [e.decode(errors="replace").strip() for p, e in zip(procs, errs) if p.returncode != 0]
+
+
+def cache_floor(env, model, names, size):
+    """The CPU that any cache of this directory costs before a checksum or a
+    FUSE reply: dd copies every shard at once from the source into a tmpfs
+    file (O_DIRECT reads in 8 MiB blocks, as modelfs reads a local source),
+    then reads each back once (the one copy out a reply needs). CPU-seconds
+    of those dd processes per GiB, beside the daemon's."""
+    d = tempfile.mkdtemp(prefix="floor-", dir=env.shm)
+    try:
+        out = [os.path.join(d, n.replace("/", "_")) for n in names]
+        drop_caches()
+        t0 = children_cpu()
+        copy = [["dd", f"if={os.path.join(model, n)}", f"of={o}", "bs=8M", "iflag=direct", "status=none"]
+                for n, o in zip(names, out)]
+        if run_all(copy):
+            # A source filesystem without O_DIRECT: read through its page cache.
+            for o in out:
+                if os.path.exists(o):
+                    os.unlink(o)
+            drop_caches()
+            t0 = children_cpu()
+            errs = run_all([c[:-2] + ["status=none"] for c in copy])
+            if errs:
+                raise RuntimeError(f"dd into tmpfs: {errs[0][-300:]}")
+        errs = run_all([["dd", f"if={o}", "of=/dev/null", "bs=1M", "status=none"] for o in out])
+        if errs:
+            raise RuntimeError(f"dd out of tmpfs: {errs[0][-300:]}")
+        return round((children_cpu() - t0) / (size / GIB), 3)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def local_dir_once(env, model, names, expect, size, parent, flags):
