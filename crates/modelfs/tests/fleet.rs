@@ -48,24 +48,8 @@ fn a_node_whose_peer_list_names_itself_twice_reads_at_once() {
 fn a_hung_owner_costs_a_read_at_most_the_documented_bound() {
     let w = Work::new();
     write_file(&w.src().join("model.bin"), 32 << 20, 11);
-    let token = token_file(w.dir.path());
-    let peer = hung::HungPeer::start("127.0.0.60:0");
+    let (peer, m) = hung::mount_beside_hung_peer(&w, "127.0.0.61", "127.0.0.60", &[]);
     let hung = peer.addr.clone();
-    let me = format!("127.0.0.61:{}", free_port());
-    let m = w.mount(&[
-        "--listen",
-        &me,
-        "--peers",
-        &format!("{me},{hung}"),
-        "--peer-timeout",
-        "2",
-        "--request-timeout",
-        "2",
-        "--retries",
-        "0",
-        "--peer-token-file",
-        token.to_str().unwrap(),
-    ]);
     // The bound: 2 s + the origin's budget (2 s) to the first byte (the hung
     // peer never sends one); the chunks it owns are then read from the
     // origin, and it is backed off.

@@ -840,6 +840,150 @@ fn a_daemon_killed_mid_stream_leaves_no_blocks_behind() {
     drop(again);
 }
 
+/// Pages of `map` in the kernel's page cache (`mincore`).
+fn resident_pages(map: &memmap2::Mmap) -> usize {
+    let page = 4096;
+    let mut vec = vec![0u8; map.len().div_ceil(page)];
+    // SAFETY: `map` is a live mapping of `map.len()` bytes and `vec` has a
+    // byte for each of its pages.
+    let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, map.len(), vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|&&b| b & 1 == 1).count()
+}
+
+/// Touches every byte of `map` out of file order, each 64 KiB block checked
+/// against `want` as it is touched: chunks in a shuffled order, and the
+/// blocks of each chunk in a shuffled order too.
+fn touch_out_of_order(map: &memmap2::Mmap, want: &[u8], chunk: usize) {
+    const BLOCK: usize = 64 << 10;
+    let (chunks, blocks) = (want.len() / chunk, chunk / BLOCK);
+    // Steps coprime with the counts: each chunk and block once.
+    assert!(
+        !chunks.is_multiple_of(7) && !blocks.is_multiple_of(5) && want.len().is_multiple_of(chunk)
+    );
+    for c in (0..chunks).map(|k| k * 7 % chunks) {
+        for b in (0..blocks).map(|k| k * 5 % blocks) {
+            let at = c * chunk + b * BLOCK;
+            if let Some(d) = first_difference(&map[at..at + BLOCK], &want[at..at + BLOCK]) {
+                panic!("the mapping at {at}: {d}");
+            }
+        }
+    }
+}
+
+/// A mapping made while its file was not all cached (so not passthrough:
+/// its pages are the daemon's answers), whose fd is closed at once, as
+/// torch/safetensors loads do. An object store's bodies stream into the
+/// cache file (the cache is on tmpfs, where the store takes streams:
+/// `chunks_streamed` counts them), and the cache holds two thirds of the
+/// file: the mapping is read out of order while its chunks are evicted,
+/// then its pages leave the page cache and are faulted in again from
+/// chunks fetched a second time. Every byte is the source's both times,
+/// and the second time costs the origin the file once, no more (prefetch
+/// is off, so every fetch is a fault's). The kernel keeps the file open for
+/// the mapping: the daemon learns of no release until it is unmapped.
+#[test]
+fn a_mapping_of_a_streamed_file_outlives_its_fd_under_eviction() {
+    const CHUNK: usize = 4 * MIB;
+    let g = garage();
+    let w = Work::new();
+    let model = write_file(&w.src().join("model.bin"), 48 * MIB, 281);
+    write_file(&w.src().join("other1.bin"), 16 * MIB, 282);
+    write_file(&w.src().join("other2.bin"), 16 * MIB, 283);
+    g.push(&w.src(), "s3://models/mapped");
+    let fs = Tmpfs::new(64 * MIB);
+    let cache = fs.path().join("cache");
+    let m = Mount::new(
+        "s3://models/mapped",
+        &w.mnt(),
+        &cache,
+        &[
+            "--endpoint",
+            &g.endpoint,
+            "--cache-size",
+            "32MiB",
+            "--chunk-size",
+            "4MiB",
+            // Off: what the origin sends is what the mapping's faults ask
+            // for, so the bounds below are exact.
+            "--prefetch-concurrency",
+            "0",
+        ],
+        &g.env,
+    );
+    let before = m.stat_u64("passthrough_opens");
+    let f = std::fs::File::open(m.path("model.bin")).unwrap();
+    assert_eq!(
+        m.stat_u64("passthrough_opens"),
+        before,
+        "an uncached file was opened passthrough: {}",
+        m.stats()
+    );
+    // SAFETY: a read-only shared mapping of a file nobody writes.
+    let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+    // The fd goes; the mapping stays.
+    drop(f);
+    // No fault-around readahead: the kernel asks the mount for the pages
+    // touched, in the order touched.
+    map.advise(memmap2::Advice::Random).unwrap();
+    touch_out_of_order(&map, &model, CHUNK);
+    // Each chunk once: it is the most recently used of the cache's 8 while
+    // its blocks are touched.
+    assert_eq!(
+        m.stat_u64("bytes_from_source"),
+        model.len() as u64,
+        "{}",
+        m.stats()
+    );
+    // 32 MiB more through the 32 MiB cache: the model's chunks go.
+    assert_same_file(&w.src().join("other1.bin"), &m.path("other1.bin"));
+    assert_same_file(&w.src().join("other2.bin"), &m.path("other2.bin"));
+    let s = m.stats();
+    let stat = |k: &str| s[k].as_u64().unwrap();
+    assert!(stat("chunks_evicted") > 0, "{s}");
+    assert!(stat("chunks_streamed") > 0, "nothing was streamed: {s}");
+    assert_eq!(stat("read_errors"), 0, "{s}");
+    // Its pages leave the page cache: unmapped from this process, then
+    // dropped through a fresh fd of the same mount file.
+    // SAFETY: the mapping is read-only and file-backed; its pages are
+    // faulted in again from the file when next touched.
+    unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) }.unwrap();
+    drop_page_cache(&m.path("model.bin"));
+    let resident = resident_pages(&map);
+    assert!(
+        resident * 4096 < CHUNK,
+        "{resident} pages of the mapping still in the page cache"
+    );
+    let (from_source, streamed) = (stat("bytes_from_source"), stat("chunks_streamed"));
+    touch_out_of_order(&map, &model, CHUNK);
+    if let Some(d) = first_difference(&map, &model) {
+        panic!("the mapping after eviction: {d}; stats {}", m.stats());
+    }
+    let s = m.stats();
+    let stat = |k: &str| s[k].as_u64().unwrap();
+    let again = stat("bytes_from_source") - from_source;
+    // At most 32 MiB of the model could still be cached: the rest came
+    // again, streamed. With no prefetch, only a fault's miss fetches: a
+    // chunk once while its blocks are touched (it is then the most recently
+    // used of 8, and nothing else is read), or, with no room, just the page
+    // faulted in: the file once at most.
+    assert!(
+        again >= (48 - 32) * MIB as u64,
+        "{again} bytes fetched again: the mapping's pages did not come back through the mount: {s}"
+    );
+    assert!(
+        stat("chunks_streamed") > streamed,
+        "nothing was streamed again: {s}"
+    );
+    assert!(
+        again <= model.len() as u64,
+        "{again} bytes from the origin to fault in {} again: {s}",
+        model.len()
+    );
+    assert_eq!(stat("read_errors"), 0, "{s}");
+    drop(map);
+}
+
 /// (a) A cache dir owned by another user is refused.
 fn refuses_a_dir_of_another_user() {
     let w = Work::new();

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use common::hung::HungPeer;
+use common::hung::mount_beside_hung_peer;
 use common::*;
 
 const MIB: usize = 1 << 20;
@@ -182,25 +182,8 @@ fn a_next_shard_replaced_after_its_listing_is_prefetched_as_it_is_now() {
 fn next_shard_prefetch_past_a_hung_peer_fetches_each_byte_once() {
     let w = Work::new();
     let want = three_shards(&w, 900);
-    let token = token_file(w.dir.path());
-    let hung = HungPeer::start("127.0.0.70:0");
-    let me = format!("127.0.0.71:{}", free_port());
-    let m = w.mount(&[
-        "--chunk-size",
-        "1MiB",
-        "--listen",
-        &me,
-        "--peers",
-        &format!("{me},{}", hung.addr),
-        "--peer-timeout",
-        "2",
-        "--request-timeout",
-        "2",
-        "--retries",
-        "0",
-        "--peer-token-file",
-        token.to_str().unwrap(),
-    ]);
+    let (hung, m) =
+        mount_beside_hung_peer(&w, "127.0.0.71", "127.0.0.70", &["--chunk-size", "1MiB"]);
     // An ask of the hung member costs the peer timeout and the origin's
     // budget (2 + 2 s) until it is backed off: far less than this bound.
     let origin = |bytes: usize| origin_reaches(&m, bytes);
@@ -233,4 +216,77 @@ fn next_shard_prefetch_past_a_hung_peer_fetches_each_byte_once() {
         "{s}"
     );
     assert_eq!(s["read_errors"], 0, "{s}");
+}
+
+/// The next shard is prefetched into a cache whose filesystem fills under
+/// it (something else takes the space; a mount whose --cache-size does not
+/// fit the filesystem's free space is refused, so the budget is larger
+/// than what the filesystem can give only after the mount): the ahead job
+/// meets ENOSPC, the cache shrinks to what it holds, and the load goes on
+/// with every byte right, no read failing, and no storm of the origin
+/// (each chunk whose write failed was fetched once for nothing).
+#[test]
+fn next_shard_prefetch_on_a_cache_filesystem_that_fills() {
+    let w = Work::new();
+    let want = three_shards(&w, 1000);
+    let fs = Tmpfs::new(48 * MIB);
+    let cache = fs.path().join("cache");
+    let m = Mount::new(
+        w.src().to_str().unwrap(),
+        &w.mnt(),
+        &cache,
+        &[
+            "--chunk-size",
+            "1MiB",
+            "--cache-size",
+            "40MiB",
+            "--prefetch-concurrency",
+            "2",
+        ],
+        &[],
+    );
+    // 20 MiB stay free for a 40 MiB budget: the first shard fits, and the
+    // second, prefetched ahead in half the window (10 MiB), does not.
+    fs.fill_leaving(20 * MIB);
+    let first = File::open(m.path(&shard(1))).unwrap();
+    read_exactly(&first, &want[0], 0..16 * MIB);
+    wait_until(
+        "the ahead job to fill the filesystem",
+        Duration::from_secs(30),
+        || m.stat_u64("cache_write_errors") > 0,
+    );
+    let second = File::open(m.path(&shard(2))).unwrap();
+    drop(first);
+    read_exactly(&second, &want[1], 0..16 * MIB);
+    drop(second);
+    let third = File::open(m.path(&shard(3))).unwrap();
+    read_exactly(&third, &want[2], 0..16 * MIB);
+    drop(third);
+    let s = m.stats();
+    let stat = |k: &str| s[k].as_u64().unwrap();
+    assert_eq!(stat("read_errors"), 0, "{s}");
+    let pid = stat("pid");
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the daemon died: {s}"
+    );
+    assert!(
+        stat("cache_bytes_capacity_effective") < stat("cache_bytes_capacity"),
+        "the cache did not shrink to its filesystem: {s}"
+    );
+    // A write fails only while the filesystem is full: for the fetches in
+    // flight when it filled (two prefetch permits and a reader's miss), as
+    // the cache then shrinks to what it holds, and grows back only to what
+    // the filesystem has free less a chunk. Each failed chunk was fetched
+    // once for nothing, and once more when read.
+    let slack = 3 * MIB as u64;
+    assert!(
+        stat("cache_write_errors") <= 3,
+        "writes kept failing on the full filesystem: {s}"
+    );
+    assert!(
+        stat("bytes_from_source") <= 48 * MIB as u64 + slack,
+        "{} bytes from the origin for 48 MiB of shards: {s}",
+        stat("bytes_from_source")
+    );
 }

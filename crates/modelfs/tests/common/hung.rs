@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::{free_port, token_file, Mount, Work};
+
 /// A member that accepts every connection on `addr` and never answers: it
 /// reads what each asker sends (the request line and where it came from are
 /// kept for the test) and holds the socket open until dropped.
@@ -82,4 +84,39 @@ impl Drop for HungPeer {
         }
         self.held.lock().unwrap().clear();
     }
+}
+
+/// Mounts `w`'s source as one of a group of two whose other member hangs:
+/// this one listens on `me_ip` (a free port), the hung one on `hung_ip`
+/// (returned, for what it was asked). Peer and origin timeouts are 2 s and
+/// the origin is not retried, so a chunk the hung member owns costs a read
+/// 2 + 2 s at most before it comes from the origin. `extra` are further
+/// flags.
+pub fn mount_beside_hung_peer(
+    w: &Work,
+    me_ip: &str,
+    hung_ip: &str,
+    extra: &[&str],
+) -> (HungPeer, Mount) {
+    let token = token_file(w.dir.path());
+    let hung = HungPeer::start(&format!("{hung_ip}:0"));
+    let me = format!("{me_ip}:{}", free_port());
+    let peers = format!("{me},{}", hung.addr);
+    let mut args = extra.to_vec();
+    args.extend([
+        "--listen",
+        &me,
+        "--peers",
+        &peers,
+        "--peer-timeout",
+        "2",
+        "--request-timeout",
+        "2",
+        "--retries",
+        "0",
+        "--peer-token-file",
+        token.to_str().unwrap(),
+    ]);
+    let m = w.mount(&args);
+    (hung, m)
 }
