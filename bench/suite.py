@@ -35,6 +35,7 @@ GIB = 1 << 30
 MIB = 1 << 20
 FLOOR = goals.FLOOR
 S5CMD = goals.S5CMD
+S3_FLOOR = goals.S3_FLOOR
 
 
 def sh(*args, env=None, check=True, timeout=900, capture=True):
@@ -323,6 +324,11 @@ def scenario_cold_warm(env, model, names, expect, size):
     else:
         s5, tmpfs = None, None
         rows.append({"system": "s5cmd", "error": r.stderr[:300]})
+    try:
+        rows.append({"system": S3_FLOOR, "cold_cpu_s_per_GiB": s3_floor(env, names, expect, size),
+                     "flags": "curl --aws-sigv4 into /dev/shm, then dd bs=1M of it to /dev/null"})
+    except RuntimeError as e:
+        rows.append({"system": S3_FLOOR, "error": str(e)[:300]})
     drop_caches()
     t = timed_parallel_read([os.path.join(model, n) for n in names])
     rows.append({"system": "source directory, read directly", "cold_MBps": round(size / t / 1e6)})
@@ -370,7 +376,7 @@ def scenario_local_dir(env, model, names, expect, size):
     drop_caches()
     source = size / timed_parallel_read(paths(model)) / 1e6
     rows = [{"system": "source directory, read directly", "cold_MBps": round(source)},
-            {"system": FLOOR, "cold_cpu_s_per_GiB": cache_floor(env, model, names, size),
+            {"system": FLOOR, "cold_cpu_s_per_GiB": cache_floor(env, model, names, expect, size),
              "flags": "dd bs=8M iflag=direct into /dev/shm, then dd bs=1M of it to /dev/null"}]
     out = {}
     huge = tempfile.mkdtemp(prefix="huge-", dir=env.work)
@@ -411,33 +417,60 @@ def run_all(cmds):
     return [e.decode(errors="replace").strip() for p, e in zip(procs, errs) if p.returncode != 0]
 
 
-def cache_floor(env, model, names, size):
-    """The CPU that any cache of this directory costs before a checksum or a
-    FUSE reply: dd copies every shard at once from the source into a tmpfs
-    file (O_DIRECT reads in 8 MiB blocks, as modelfs reads a local source),
-    then reads each back once (the one copy out a reply needs). CPU-seconds
-    of those dd processes per GiB, beside the daemon's."""
+def read_back(files):
+    """Each file read once to /dev/null by dd, all at once (the one copy out
+    that any reply from a cache makes)."""
+    errs = run_all([["dd", f"if={f}", "of=/dev/null", "bs=1M", "status=none"] for f in files])
+    if errs:
+        raise RuntimeError(f"dd out of tmpfs: {errs[0][-300:]}")
+
+
+def cache_floor(env, model, names, expect, size):
+    """The CPU that any in-memory cache of this directory costs before a
+    checksum or a FUSE reply: dd copies every shard at once from the source
+    into /dev/shm (O_DIRECT reads in 8 MiB blocks, as modelfs reads a local
+    source), then each is read back once. CPU-seconds of those dd processes
+    per GiB, beside the daemon's."""
     d = tempfile.mkdtemp(prefix="floor-", dir=env.shm)
     try:
-        out = [os.path.join(d, n.replace("/", "_")) for n in names]
-        drop_caches()
-        t0 = children_cpu()
+        out = [os.path.join(d, n) for n in names]
         copy = [["dd", f"if={os.path.join(model, n)}", f"of={o}", "bs=8M", "iflag=direct", "status=none"]
                 for n, o in zip(names, out)]
+        drop_caches()
+        t0 = children_cpu()
         if run_all(copy):
-            # A source filesystem without O_DIRECT: read through its page cache.
-            for o in out:
-                if os.path.exists(o):
-                    os.unlink(o)
+            # A source filesystem without O_DIRECT: through its page cache.
             drop_caches()
             t0 = children_cpu()
-            errs = run_all([c[:-2] + ["status=none"] for c in copy])
+            errs = run_all([[a for a in c if a != "iflag=direct"] for c in copy])
             if errs:
                 raise RuntimeError(f"dd into tmpfs: {errs[0][-300:]}")
-        errs = run_all([["dd", f"if={o}", "of=/dev/null", "bs=1M", "status=none"] for o in out])
+        read_back(out)
+        cpu = children_cpu() - t0
+        verify(d, names, expect)
+        return round(cpu / (size / GIB), 3)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def s3_floor(env, names, expect, size):
+    """The same for the object store: curl (a plain HTTP client) downloads
+    every shard at once into /dev/shm, then each is read back once."""
+    d = tempfile.mkdtemp(prefix="s3floor-", dir=env.shm)
+    try:
+        out = [os.path.join(d, n) for n in names]
+        user = f"{env.s3['AWS_ACCESS_KEY_ID']}:{env.s3['AWS_SECRET_ACCESS_KEY']}"
+        region = env.s3.get("AWS_REGION", "garage")
+        t0 = children_cpu()
+        errs = run_all([["curl", "-sSf", "--aws-sigv4", f"aws:amz:{region}:s3", "--user", user,
+                         "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", f"{env.endpoint}/models/model/{n}", "-o", o]
+                        for n, o in zip(names, out)])
         if errs:
-            raise RuntimeError(f"dd out of tmpfs: {errs[0][-300:]}")
-        return round((children_cpu() - t0) / (size / GIB), 3)
+            raise RuntimeError(f"curl: {errs[0][-300:]}")
+        read_back(out)
+        cpu = children_cpu() - t0
+        verify(d, names, expect)
+        return round(cpu / (size / GIB), 3)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
