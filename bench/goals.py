@@ -87,14 +87,15 @@ def daemon_rows(s):
 
 def plot_daemon(res, out, plt):
     """daemon.png: cold CPU-s/GiB and peak RSS per system; returns its name or None."""
-    rows = [r for r in daemon_rows(res["scenarios"]) if "cold_cpu_s_per_GiB" in r]
+    # Daemons only: the floors and s5cmd have no daemon (and no RSS measured).
+    rows = [r for r in daemon_rows(res["scenarios"]) if "cold_cpu_s_per_GiB" in r and "cold_peak_rss_MiB" in r]
     if not rows:
         return None
     names = [f"{r['system'].replace(' over the directory', '').replace(', ', chr(10))}\n({r['source']})" for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.bar(names, [r["cold_cpu_s_per_GiB"] for r in rows])
     a.set_ylabel("daemon CPU-s per GiB, cold")
-    b.bar(names, [r.get("cold_peak_rss_MiB", 0) for r in rows])
+    b.bar(names, [r["cold_peak_rss_MiB"] for r in rows])
     b.set_ylabel("daemon peak RSS, MiB, cold")
     for ax in (a, b):
         ax.tick_params(axis="x", labelsize=7)

@@ -324,11 +324,7 @@ def scenario_cold_warm(env, model, names, expect, size):
     else:
         s5, tmpfs = None, None
         rows.append({"system": "s5cmd", "error": r.stderr[:300]})
-    try:
-        rows.append({"system": S3_FLOOR, "cold_cpu_s_per_GiB": s3_floor(env, names, expect, size),
-                     "flags": "curl --aws-sigv4 into /dev/shm, then dd bs=1M of it to /dev/null"})
-    except RuntimeError as e:
-        rows.append({"system": S3_FLOOR, "error": str(e)[:300]})
+    rows.append(floor_or_error(S3_FLOOR, lambda: s3_floor(env, names, expect, size)))
     drop_caches()
     t = timed_parallel_read([os.path.join(model, n) for n in names])
     rows.append({"system": "source directory, read directly", "cold_MBps": round(size / t / 1e6)})
@@ -376,8 +372,7 @@ def scenario_local_dir(env, model, names, expect, size):
     drop_caches()
     source = size / timed_parallel_read(paths(model)) / 1e6
     rows = [{"system": "source directory, read directly", "cold_MBps": round(source)},
-            {"system": FLOOR, "cold_cpu_s_per_GiB": cache_floor(env, model, names, expect, size),
-             "flags": "dd bs=8M iflag=direct into /dev/shm, then dd bs=1M of it to /dev/null"}]
+            floor_or_error(FLOOR, lambda: cache_floor(env, model, names, expect, size))]
     out = {}
     huge = tempfile.mkdtemp(prefix="huge-", dir=env.work)
     huge_mounted = sh("mount", "-t", "tmpfs", "-o", f"size={2 * size + (64 << 20)},huge=within_size", "tmpfs", huge,
@@ -412,7 +407,17 @@ def children_cpu():
 
 
 def run_all(cmds):
-    procs = [subprocess.Popen(c, stderr=subprocess.PIPE) for c in cmds]
+    """Runs the commands at once; the stderr of those that failed. None is
+    left running or unwaited, even if one cannot start."""
+    procs = []
+    try:
+        for c in cmds:
+            procs.append(subprocess.Popen(c, stderr=subprocess.PIPE))
+    except OSError:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise
     errs = [p.communicate()[1] for p in procs]
     return [e.decode(errors="replace").strip() for p, e in zip(procs, errs) if p.returncode != 0]
 
@@ -423,6 +428,22 @@ def read_back(files):
     errs = run_all([["dd", f"if={f}", "of=/dev/null", "bs=1M", "status=none"] for f in files])
     if errs:
         raise RuntimeError(f"dd out of tmpfs: {errs[0][-300:]}")
+
+
+def floor_row(system, t0, t1, t2, size, flags):
+    gib = size / GIB
+    return {"system": system, "cold_cpu_s_per_GiB": round((t2 - t0) / gib, 3),
+            "in_cpu_s_per_GiB": round((t1 - t0) / gib, 3), "out_cpu_s_per_GiB": round((t2 - t1) / gib, 3),
+            "flags": flags}
+
+
+def floor_or_error(system, measure):
+    """A floor's row, or its error: a floor that cannot be measured here
+    must not take the scenario's other rows with it."""
+    try:
+        return measure()
+    except Exception as e:  # noqa: BLE001 - a missing tool is a row, not a crash
+        return {"system": system, "error": f"{e.__class__.__name__}: {e}"[:300]}
 
 
 def cache_floor(env, model, names, expect, size):
@@ -436,19 +457,22 @@ def cache_floor(env, model, names, expect, size):
         out = [os.path.join(d, n) for n in names]
         copy = [["dd", f"if={os.path.join(model, n)}", f"of={o}", "bs=8M", "iflag=direct", "status=none"]
                 for n, o in zip(names, out)]
+        flags = "dd bs=8M iflag=direct into /dev/shm, then dd bs=1M of it to /dev/null"
         drop_caches()
         t0 = children_cpu()
         if run_all(copy):
             # A source filesystem without O_DIRECT: through its page cache.
+            flags = "dd bs=8M into /dev/shm (the source refused O_DIRECT), then dd bs=1M of it to /dev/null"
             drop_caches()
             t0 = children_cpu()
             errs = run_all([[a for a in c if a != "iflag=direct"] for c in copy])
             if errs:
                 raise RuntimeError(f"dd into tmpfs: {errs[0][-300:]}")
+        t1 = children_cpu()
         read_back(out)
-        cpu = children_cpu() - t0
+        t2 = children_cpu()
         verify(d, names, expect)
-        return round(cpu / (size / GIB), 3)
+        return floor_row(FLOOR, t0, t1, t2, size, flags)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -467,10 +491,11 @@ def s3_floor(env, names, expect, size):
                         for n, o in zip(names, out)])
         if errs:
             raise RuntimeError(f"curl: {errs[0][-300:]}")
+        t1 = children_cpu()
         read_back(out)
-        cpu = children_cpu() - t0
+        t2 = children_cpu()
         verify(d, names, expect)
-        return round(cpu / (size / GIB), 3)
+        return floor_row(S3_FLOOR, t0, t1, t2, size, "curl --aws-sigv4 into /dev/shm, then dd bs=1M of it to /dev/null")
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -956,10 +981,12 @@ def report(res, out):
     sections = [
         ("0_local_dir", "0. A local directory (NAS folder) source: cold, every shard read at once, vs reading the "
                         "directory; warm vs the cache's own bytes on tmpfs",
-         ["system", "cold_MBps", "cold_vs_source_dir", "cold_cpu_s_per_GiB", "cold_peak_rss_MiB", "first_reopen_MBps",
+         ["system", "cold_MBps", "cold_vs_source_dir", "cold_cpu_s_per_GiB", "in_cpu_s_per_GiB", "out_cpu_s_per_GiB",
+          "cold_peak_rss_MiB", "first_reopen_MBps",
           "first_reopen_vs_tmpfs", "warm_MBps", "warm_vs_tmpfs", "warm_cpu_s_per_GiB", "warm_peak_rss_MiB", "flags"]),
         ("1_2_cold_warm", "1-2. Cold and warm load from S3 (all shards read at once)",
-         ["system", "cold_MBps", "cold_vs_s5cmd", "cold_cpu_s_per_GiB", "cold_peak_rss_MiB", "warm_MBps",
+         ["system", "cold_MBps", "cold_vs_s5cmd", "cold_cpu_s_per_GiB", "in_cpu_s_per_GiB", "out_cpu_s_per_GiB",
+          "cold_peak_rss_MiB", "warm_MBps",
           "warm_vs_tmpfs", "warm_cpu_s_per_GiB", "warm_peak_rss_MiB", "after_warm_first_open_MBps",
           "after_warm_first_open_vs_tmpfs", "flags"]),
         ("11_demo", "11. `modelfs demo` (safetensors crate, mmap; its own table)", ["load", "MBps", "vs_source"]),

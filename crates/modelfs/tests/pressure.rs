@@ -856,6 +856,9 @@ fn resident_pages(map: &memmap2::Mmap) -> usize {
 /// blocks of each chunk in a shuffled order too.
 fn touch_out_of_order(map: &memmap2::Mmap, want: &[u8], chunk: usize) {
     const BLOCK: usize = 64 << 10;
+    // A fault that waits for ever, or a chunk fetched page by page, fails
+    // here instead of holding the test.
+    let (started, bound) = (std::time::Instant::now(), Duration::from_secs(60));
     let (chunks, blocks) = (want.len() / chunk, chunk / BLOCK);
     // Steps coprime with the counts: each chunk and block once.
     assert!(
@@ -868,6 +871,10 @@ fn touch_out_of_order(map: &memmap2::Mmap, want: &[u8], chunk: usize) {
                 panic!("the mapping at {at}: {d}");
             }
         }
+        assert!(
+            started.elapsed() < bound,
+            "touching the mapping took longer than {bound:?}"
+        );
     }
 }
 
@@ -927,20 +934,21 @@ fn a_mapping_of_a_streamed_file_outlives_its_fd_under_eviction() {
     // touched, in the order touched.
     map.advise(memmap2::Advice::Random).unwrap();
     touch_out_of_order(&map, &model, CHUNK);
-    // Each chunk once: it is the most recently used of the cache's 8 while
-    // its blocks are touched.
-    assert_eq!(
-        m.stat_u64("bytes_from_source"),
-        model.len() as u64,
-        "{}",
-        m.stats()
-    );
-    // 32 MiB more through the 32 MiB cache: the model's chunks go.
+    // Each chunk once, whole and kept (not page by page uncached): it is
+    // the most recently used of the cache's 8 while its blocks are touched.
+    let chunks = (model.len() / CHUNK) as u64;
+    let s = m.stats();
+    let stat = |k: &str| s[k].as_u64().unwrap();
+    assert_eq!(stat("bytes_from_source"), model.len() as u64, "{s}");
+    assert_eq!(stat("source_requests"), chunks, "{s}");
+    assert_eq!(stat("reads_uncached"), 0, "{s}");
+    let evicted = stat("chunks_evicted");
+    // 32 MiB more through the 32 MiB cache: the model's 8 chunks go.
     assert_same_file(&w.src().join("other1.bin"), &m.path("other1.bin"));
     assert_same_file(&w.src().join("other2.bin"), &m.path("other2.bin"));
     let s = m.stats();
     let stat = |k: &str| s[k].as_u64().unwrap();
-    assert!(stat("chunks_evicted") > 0, "{s}");
+    assert!(stat("chunks_evicted") >= evicted + 8, "{s}");
     assert!(stat("chunks_streamed") > 0, "nothing was streamed: {s}");
     assert_eq!(stat("read_errors"), 0, "{s}");
     // Its pages leave the page cache: unmapped from this process, then
@@ -954,7 +962,11 @@ fn a_mapping_of_a_streamed_file_outlives_its_fd_under_eviction() {
         resident * 4096 < CHUNK,
         "{resident} pages of the mapping still in the page cache"
     );
-    let (from_source, streamed) = (stat("bytes_from_source"), stat("chunks_streamed"));
+    let (from_source, streamed, requests) = (
+        stat("bytes_from_source"),
+        stat("chunks_streamed"),
+        stat("source_requests"),
+    );
     touch_out_of_order(&map, &model, CHUNK);
     if let Some(d) = first_difference(&map, &model) {
         panic!("the mapping after eviction: {d}; stats {}", m.stats());
@@ -980,6 +992,12 @@ fn a_mapping_of_a_streamed_file_outlives_its_fd_under_eviction() {
         "{again} bytes from the origin to fault in {} again: {s}",
         model.len()
     );
+    // And in whole chunks, each kept: no page fetched on its own.
+    assert!(
+        stat("source_requests") - requests <= chunks,
+        "more requests than chunks to fault the file in again: {s}"
+    );
+    assert_eq!(stat("reads_uncached"), 0, "{s}");
     assert_eq!(stat("read_errors"), 0, "{s}");
     drop(map);
 }

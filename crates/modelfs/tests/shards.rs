@@ -228,7 +228,7 @@ fn next_shard_prefetch_past_a_hung_peer_fetches_each_byte_once() {
 #[test]
 fn next_shard_prefetch_on_a_cache_filesystem_that_fills() {
     let w = Work::new();
-    let want = three_shards(&w, 1000);
+    three_shards(&w, 1000);
     let fs = Tmpfs::new(48 * MIB);
     let cache = fs.path().join("cache");
     let m = Mount::new(
@@ -248,8 +248,18 @@ fn next_shard_prefetch_on_a_cache_filesystem_that_fills() {
     // 20 MiB stay free for a 40 MiB budget: the first shard fits, and the
     // second, prefetched ahead in half the window (10 MiB), does not.
     fs.fill_leaving(20 * MIB);
+    // The shards are read by `cmp` within a bound (a wait for room that
+    // never ends fails the test), while this process holds each open as a
+    // loader does.
+    let read = |k: usize| {
+        cmp_within(
+            &w.src().join(shard(k)),
+            &m.path(&shard(k)),
+            Duration::from_secs(60),
+        )
+    };
     let first = File::open(m.path(&shard(1))).unwrap();
-    read_exactly(&first, &want[0], 0..16 * MIB);
+    read(1);
     wait_until(
         "the ahead job to fill the filesystem",
         Duration::from_secs(30),
@@ -257,33 +267,32 @@ fn next_shard_prefetch_on_a_cache_filesystem_that_fills() {
     );
     let second = File::open(m.path(&shard(2))).unwrap();
     drop(first);
-    read_exactly(&second, &want[1], 0..16 * MIB);
+    read(2);
     drop(second);
     let third = File::open(m.path(&shard(3))).unwrap();
-    read_exactly(&third, &want[2], 0..16 * MIB);
+    read(3);
     drop(third);
+    // The daemon still answers, and no read failed.
     let s = m.stats();
     let stat = |k: &str| s[k].as_u64().unwrap();
     assert_eq!(stat("read_errors"), 0, "{s}");
-    let pid = stat("pid");
-    assert!(
-        std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "the daemon died: {s}"
-    );
     assert!(
         stat("cache_bytes_capacity_effective") < stat("cache_bytes_capacity"),
         "the cache did not shrink to its filesystem: {s}"
     );
     // A write fails only while the filesystem is full: for the fetches in
     // flight when it filled (two prefetch permits and a reader's miss), as
-    // the cache then shrinks to what it holds, and grows back only to what
-    // the filesystem has free less a chunk. Each failed chunk was fetched
-    // once for nothing, and once more when read.
-    let slack = 3 * MIB as u64;
+    // the cache then shrinks to what it holds; it grows back (after 10 s)
+    // only to what the filesystem has free less a chunk, which a fetch in
+    // flight then may still miss. A chunk whose write failed was fetched
+    // once for nothing (a reader's is served all the same): the origin
+    // sends the shards once, plus a chunk per failed write, plus one.
+    let errors = stat("cache_write_errors");
     assert!(
-        stat("cache_write_errors") <= 3,
+        errors <= 6,
         "writes kept failing on the full filesystem: {s}"
     );
+    let slack = (errors + 1) * MIB as u64;
     assert!(
         stat("bytes_from_source") <= 48 * MIB as u64 + slack,
         "{} bytes from the origin for 48 MiB of shards: {s}",
