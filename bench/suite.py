@@ -324,7 +324,7 @@ def scenario_cold_warm(env, model, names, expect, size):
     else:
         s5, tmpfs = None, None
         rows.append({"system": "s5cmd", "error": r.stderr[:300]})
-    rows.append(floor_or_error(S3_FLOOR, lambda: s3_floor(env, names, expect, size)))
+    rows.append(floor_or_error(S3_FLOOR, lambda: floor(env, S3_FLOOR, names, expect, size, curl_from(env, names))))
     drop_caches()
     t = timed_parallel_read([os.path.join(model, n) for n in names])
     rows.append({"system": "source directory, read directly", "cold_MBps": round(size / t / 1e6)})
@@ -372,7 +372,7 @@ def scenario_local_dir(env, model, names, expect, size):
     drop_caches()
     source = size / timed_parallel_read(paths(model)) / 1e6
     rows = [{"system": "source directory, read directly", "cold_MBps": round(source)},
-            floor_or_error(FLOOR, lambda: cache_floor(env, model, names, expect, size))]
+            floor_or_error(FLOOR, lambda: floor(env, FLOOR, names, expect, size, dd_from(model, names)))]
     out = {}
     huge = tempfile.mkdtemp(prefix="huge-", dir=env.work)
     huge_mounted = sh("mount", "-t", "tmpfs", "-o", f"size={2 * size + (64 << 20)},huge=within_size", "tmpfs", huge,
@@ -446,43 +446,48 @@ def floor_or_error(system, measure):
         return {"system": system, "error": f"{e.__class__.__name__}: {e}"[:300]}
 
 
-def cache_floor(env, model, names, expect, size):
-    """The CPU that any in-memory cache of this directory costs before a
-    checksum or a FUSE reply: dd copies every shard at once from the source
-    into /dev/shm (O_DIRECT reads in 8 MiB blocks, as modelfs reads a local
-    source), then each is read back once. CPU-seconds of those dd processes
-    per GiB, beside the daemon's."""
+def floor(env, system, names, expect, size, copy_in):
+    """The CPU that any in-memory cache of these shards costs before a
+    checksum or a FUSE reply: `copy_in(paths)` puts every shard at once at
+    its path in /dev/shm (it returns the children's CPU when it started, and
+    how it copied), then each is read back once. CPU-seconds of those
+    processes per GiB, in and out, beside the daemon's."""
     d = tempfile.mkdtemp(prefix="floor-", dir=env.shm)
     try:
         out = [os.path.join(d, n) for n in names]
-        copy = [["dd", f"if={os.path.join(model, n)}", f"of={o}", "bs=8M", "iflag=direct", "status=none"]
-                for n, o in zip(names, out)]
-        flags = "dd bs=8M iflag=direct into /dev/shm, then dd bs=1M of it to /dev/null"
-        drop_caches()
-        t0 = children_cpu()
-        if run_all(copy):
-            # A source filesystem without O_DIRECT: through its page cache.
-            flags = "dd bs=8M into /dev/shm (the source refused O_DIRECT), then dd bs=1M of it to /dev/null"
-            drop_caches()
-            t0 = children_cpu()
-            errs = run_all([[a for a in c if a != "iflag=direct"] for c in copy])
-            if errs:
-                raise RuntimeError(f"dd into tmpfs: {errs[0][-300:]}")
+        t0, how = copy_in(out)
         t1 = children_cpu()
         read_back(out)
         t2 = children_cpu()
         verify(d, names, expect)
-        return floor_row(FLOOR, t0, t1, t2, size, flags)
+        return floor_row(system, t0, t1, t2, size, f"{how}, then dd bs=1M of it to /dev/null")
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def s3_floor(env, names, expect, size):
-    """The same for the object store: curl (a plain HTTP client) downloads
-    every shard at once into /dev/shm, then each is read back once."""
-    d = tempfile.mkdtemp(prefix="s3floor-", dir=env.shm)
-    try:
-        out = [os.path.join(d, n) for n in names]
+def dd_from(model, names):
+    """Copies the shards with O_DIRECT reads in 8 MiB blocks, as modelfs
+    reads a local source."""
+    def copy_in(out):
+        copy = [["dd", f"if={os.path.join(model, n)}", f"of={o}", "bs=8M", "iflag=direct", "status=none"]
+                for n, o in zip(names, out)]
+        drop_caches()
+        t0 = children_cpu()
+        if not run_all(copy):
+            return t0, "dd bs=8M iflag=direct into /dev/shm"
+        # A source filesystem without O_DIRECT: through its page cache.
+        drop_caches()
+        t0 = children_cpu()
+        errs = run_all([[a for a in c if a != "iflag=direct"] for c in copy])
+        if errs:
+            raise RuntimeError(f"dd into tmpfs: {errs[0][-300:]}")
+        return t0, "dd bs=8M into /dev/shm (the source refused O_DIRECT)"
+    return copy_in
+
+
+def curl_from(env, names):
+    """Downloads the objects with curl, a plain HTTP client."""
+    def copy_in(out):
         user = f"{env.s3['AWS_ACCESS_KEY_ID']}:{env.s3['AWS_SECRET_ACCESS_KEY']}"
         region = env.s3.get("AWS_REGION", "garage")
         t0 = children_cpu()
@@ -491,13 +496,8 @@ def s3_floor(env, names, expect, size):
                         for n, o in zip(names, out)])
         if errs:
             raise RuntimeError(f"curl: {errs[0][-300:]}")
-        t1 = children_cpu()
-        read_back(out)
-        t2 = children_cpu()
-        verify(d, names, expect)
-        return floor_row(S3_FLOOR, t0, t1, t2, size, "curl --aws-sigv4 into /dev/shm, then dd bs=1M of it to /dev/null")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+        return t0, "curl --aws-sigv4 into /dev/shm"
+    return copy_in
 
 
 def local_dir_once(env, model, names, expect, size, parent, flags):
