@@ -406,9 +406,10 @@ def children_cpu():
     return r.ru_utime + r.ru_stime
 
 
-def run_all(cmds):
+def run_all(cmds, timeout=900):
     """Runs the commands at once; the stderr of those that failed. None is
-    left running or unwaited, even if one cannot start."""
+    left running or unwaited, even if one cannot start or the lot outlasts
+    `timeout` seconds (each waited for in turn, so the bound is loose)."""
     procs = []
     try:
         for c in cmds:
@@ -418,7 +419,13 @@ def run_all(cmds):
             p.kill()
             p.wait()
         raise
-    errs = [p.communicate()[1] for p in procs]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise RuntimeError(f"{cmds[0][0]} did not end within {timeout} s")
     return [e.decode(errors="replace").strip() for p, e in zip(procs, errs) if p.returncode != 0]
 
 
