@@ -27,6 +27,12 @@ def _check(value, ok):
     return value, "yes" if ok(value) else "**no**"
 
 
+def _goal_with_floor(goal, scenario, floor):
+    """`goal`, with the run's floor of the same copies beside it."""
+    v = _row(scenario, floor).get("cold_cpu_s_per_GiB")
+    return goal + (f" (this run's floor: {v}, before a checksum or FUSE)" if v is not None else "")
+
+
 def goal_rows(s):
     local = _row(s.get("0_local_dir"), "modelfs over the directory")
     huge = _row(s.get("0_local_dir"), "modelfs over the directory, huge-page tmpfs cache")
@@ -36,11 +42,8 @@ def goal_rows(s):
     others = [r["cold_MBps"] for r in lazy.get("rows", [])
               if r.get("system") not in ("modelfs", "source directory, read directly") and "cold_MBps" in r]
     rss_cap = 64 + PREFETCH_BOUND_MIB
-    floor = _row(s.get("0_local_dir"), FLOOR).get("cold_cpu_s_per_GiB")
-    local_goal = "<= 0.6" + (f" (this run's floor: {floor}, before a checksum or FUSE)" if floor is not None else "")
-    s3_floor = _row(s.get("1_2_cold_warm"), S3_FLOOR).get("cold_cpu_s_per_GiB")
-    s3_goal = "<= 0.9" + (f" (this run's floor: {s3_floor}, before a checksum or FUSE)" if s3_floor is not None
-                          else "")
+    local_goal = _goal_with_floor("<= 0.6", s.get("0_local_dir"), FLOOR)
+    s3_goal = _goal_with_floor("<= 0.9", s.get("1_2_cold_warm"), S3_FLOOR)
     rows = [
         ("daemon CPU-s/GiB, cold, local-dir source", local_goal, local.get("cold_cpu_s_per_GiB"), lambda v: v <= 0.6),
         ("the same, cache on a tmpfs mounted with huge=within_size", "<= 0.6", huge.get("cold_cpu_s_per_GiB"),

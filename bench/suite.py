@@ -33,9 +33,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "modelfs")
 GIB = 1 << 30
 MIB = 1 << 20
-FLOOR = goals.FLOOR
-S5CMD = goals.S5CMD
-S3_FLOOR = goals.S3_FLOOR
 
 
 def sh(*args, env=None, check=True, timeout=900, capture=True):
@@ -316,7 +313,7 @@ def scenario_cold_warm(env, model, names, expect, size):
         s5 = size / (time.time() - t) / 1e6
         cpu = round((children_cpu() - cpu) / (size / GIB), 3)
         verify(dl, names, expect)
-        rows.append({"system": S5CMD, "flags": "--numworkers 64 cp --concurrency 16 --part-size 8",
+        rows.append({"system": goals.S5CMD, "flags": "--numworkers 64 cp --concurrency 16 --part-size 8",
                      "cold_MBps": round(s5), "cold_cpu_s_per_GiB": cpu})
         drop_caches()
         t = timed_parallel_read([os.path.join(dl, n) for n in names])
@@ -324,7 +321,7 @@ def scenario_cold_warm(env, model, names, expect, size):
     else:
         s5, tmpfs = None, None
         rows.append({"system": "s5cmd", "error": r.stderr[:300]})
-    rows.append(floor_or_error(S3_FLOOR, lambda: floor(env, S3_FLOOR, names, expect, size, curl_from(env, names))))
+    rows.append(floor(env, goals.S3_FLOOR, names, expect, size, curl_from(env, names)))
     drop_caches()
     t = timed_parallel_read([os.path.join(model, n) for n in names])
     rows.append({"system": "source directory, read directly", "cold_MBps": round(size / t / 1e6)})
@@ -372,7 +369,7 @@ def scenario_local_dir(env, model, names, expect, size):
     drop_caches()
     source = size / timed_parallel_read(paths(model)) / 1e6
     rows = [{"system": "source directory, read directly", "cold_MBps": round(source)},
-            floor_or_error(FLOOR, lambda: floor(env, FLOOR, names, expect, size, dd_from(model, names)))]
+            floor(env, goals.FLOOR, names, expect, size, dd_from(model, names))]
     out = {}
     huge = tempfile.mkdtemp(prefix="huge-", dir=env.work)
     huge_mounted = sh("mount", "-t", "tmpfs", "-o", f"size={2 * size + (64 << 20)},huge=within_size", "tmpfs", huge,
@@ -429,47 +426,29 @@ def run_all(cmds, timeout=900):
     return [e.decode(errors="replace").strip() for p, e in zip(procs, errs) if p.returncode != 0]
 
 
-def read_back(files):
-    """Each file read once to /dev/null by dd, all at once (the one copy out
-    that any reply from a cache makes)."""
-    errs = run_all([["dd", f"if={f}", "of=/dev/null", "bs=1M", "status=none"] for f in files])
-    if errs:
-        raise RuntimeError(f"dd out of tmpfs: {errs[0][-300:]}")
-
-
-def floor_row(system, t0, t1, t2, size, flags):
-    gib = size / GIB
-    return {"system": system, "cold_cpu_s_per_GiB": round((t2 - t0) / gib, 3),
-            "in_cpu_s_per_GiB": round((t1 - t0) / gib, 3), "out_cpu_s_per_GiB": round((t2 - t1) / gib, 3),
-            "flags": flags}
-
-
-def floor_or_error(system, measure):
-    """A floor's row, or its error: a floor that cannot be measured here
-    must not take the scenario's other rows with it."""
-    try:
-        return measure()
-    except Exception as e:  # noqa: BLE001 - a missing tool is a row, not a crash
-        return {"system": system, "error": f"{e.__class__.__name__}: {e}"[:300]}
-
-
 def floor(env, system, names, expect, size, copy_in):
     """The CPU that any in-memory cache of these shards costs before a
     checksum or a FUSE reply: `copy_in(paths)` puts every shard at once at
     its path in /dev/shm (it returns the children's CPU when it started, and
     how it copied), then each is read back once. CPU-seconds of those
-    processes per GiB, in and out, beside the daemon's."""
+    processes per GiB, in and out, beside the daemon's; a floor that cannot
+    be measured here is an error row, not the end of its scenario."""
     d = tempfile.mkdtemp(prefix="floor-", dir=env.shm)
     try:
         out = [os.path.join(d, n) for n in names]
         t0, how = copy_in(out)
         t1 = children_cpu()
-        read_back(out)
+        timed_parallel_read(out)
         t2 = children_cpu()
         verify(d, names, expect)
-        return floor_row(system, t0, t1, t2, size, f"{how}, then dd bs=1M of it to /dev/null")
+    except Exception as e:  # noqa: BLE001 - a missing tool is a row, not a crash
+        return {"system": system, "error": f"{e.__class__.__name__}: {e}"[:300]}
     finally:
         shutil.rmtree(d, ignore_errors=True)
+    gib = size / GIB
+    return {"system": system, "cold_cpu_s_per_GiB": round((t2 - t0) / gib, 3),
+            "in_cpu_s_per_GiB": round((t1 - t0) / gib, 3), "out_cpu_s_per_GiB": round((t2 - t1) / gib, 3),
+            "flags": f"{how}, then dd bs=1M of it to /dev/null"}
 
 
 def dd_from(model, names):
@@ -480,8 +459,11 @@ def dd_from(model, names):
                 for n, o in zip(names, out)]
         drop_caches()
         t0 = children_cpu()
-        if not run_all(copy):
+        errs = run_all(copy)
+        if not errs:
             return t0, "dd bs=8M iflag=direct into /dev/shm"
+        if not all("Invalid argument" in e for e in errs):
+            raise RuntimeError(f"dd into tmpfs: {errs[0][-300:]}")
         # A source filesystem without O_DIRECT: through its page cache.
         drop_caches()
         t0 = children_cpu()

@@ -1,13 +1,11 @@
 /// `println!` that never panics: a reader that went away (`unmount | head`)
 /// ends the output, not the command, whose work is done either way.
+/// Other write errors are said on stderr: these lines report work already
+/// done, which a full disk under stdout does not undo.
 macro_rules! say {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        if let Err(e) = writeln!(out, $($arg)*).and_then(|()| out.flush()) {
-            if e.kind() != std::io::ErrorKind::BrokenPipe {
-                tell!("modelfs: cannot write to stdout: {e}");
-            }
+        if let Err(e) = crate::control::print(&format!("{}\n", format_args!($($arg)*))) {
+            tell!("modelfs: {e:#}");
         }
     }};
 }

@@ -99,7 +99,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     ByteSize(s.bytes)
                 );
             }
-            Err(e) => say!("modelfs serve: preload failed: {e:#}"),
+            Err(e) => tell!("modelfs serve: preload failed: {e:#}"),
         }
     }
     say!("modelfs serve: serving {} on {}", a.source, a.listen);
